@@ -1,0 +1,80 @@
+"""Shared fixtures: real precomputed layers on disk and small real models."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from voxflow.volume import Volume
+
+
+def make_layer(path: Path, data: np.ndarray, offset: Sequence[int] = (0, 0, 0),
+               resolution: Sequence[float] = (8, 8, 40), chunk: Sequence[int] = (32, 32, 8),
+               mips: int = 0, factor: Sequence[int] = (2, 2, 1)) -> str:
+    """A precomputed image layer holding `data` (c, z, y, x) at mip 0, plus `mips` scales
+    made by plain striding-free averaging (written independently of voxflow's downsampler)."""
+    url = f"file://{path}"
+    c, z, y, x = data.shape
+    vol = Volume.create(url, num_channels=c, dtype=str(data.dtype), resolution=resolution,
+                        voxel_offset=offset, size=(x, y, z), chunk=chunk)
+    vol.write(vol.bounds, data)
+    if mips:
+        vol.ensure_mips(factor, mips)
+        level = data.astype(np.float64)
+        for m in range(1, mips + 1):
+            fz, fy, fx = factor[2], factor[1], factor[0]
+            cz, cy, cx = (-(-n // f) for n, f in zip(level.shape[1:], (fz, fy, fx)))
+            pad = [(0, 0), (0, cz * fz - level.shape[1]), (0, cy * fy - level.shape[2]),
+                   (0, cx * fx - level.shape[3])]
+            level = np.pad(level, pad, mode="edge").reshape(c, cz, fz, cy, fy, cx, fx)
+            level = level.mean(axis=(2, 4, 6))
+            Volume(url, m).write(Volume(url, m).bounds, level.astype(data.dtype))
+    return url
+
+
+class Pointwise(torch.nn.Module):
+    """1x1x1 conv + sigmoid: output at a voxel depends on that voxel only."""
+
+    def __init__(self, cin: int = 1, cout: int = 2):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(cin, cout, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.linspace(-3, 4, cin * cout).reshape(cout, cin, 1, 1, 1))
+            self.conv.bias.copy_(torch.linspace(-1, 0.5, cout))
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))
+
+
+class SmallConv(torch.nn.Module):
+    """Two 3x3x3 convs ('same' padding): a receptive field of 5 voxels per axis."""
+
+    def __init__(self, cin: int = 1, cout: int = 2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Conv3d(cin, 4, 3, padding=1)
+        self.b = torch.nn.Conv3d(4, cout, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        return torch.sigmoid(self.b(torch.relu(self.a(x))))
+
+
+@pytest.fixture
+def torchscript_model(tmp_path):
+    def save(module: torch.nn.Module, name: str = "model.pt") -> Path:
+        path = tmp_path / name
+        torch.jit.script(module.eval()).save(str(path))
+        return path
+    return save
+
+
+def write_config(path: Path, **config) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,0 +1,245 @@
+"""The run config: one pydantic model, the single source of truth for every interface.
+
+The CLI, YAML files, the Airflow trigger form and the docs all come from `RunConfig`. Checks that
+need no I/O live here; checks that read the input layer or load the model live in
+`voxflow.pipeline.plan`, which runs before anything is written. Every refusal is a
+`ConfigError` whose text starts with the field's dotted name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+
+Size3 = Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
+NonNeg3 = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=3, max_length=3)]
+Int3 = Annotated[list[int], Field(min_length=3, max_length=3)]
+
+
+class ConfigError(ValueError):
+    """A refused config value; `str()` is one line that starts with the field name."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    """Resolve a local path against the config file's folder; leave remote URLs alone."""
+    base = Path((info.context or {}).get("base_dir") or os.getcwd())
+    if "://" in value and not value.startswith("file://"):
+        return value
+    local = value[len("file://"):] if value.startswith("file://") else value
+    return str((base / os.path.expanduser(local)).resolve())
+
+
+def _as_layer_url(value: str, info: ValidationInfo) -> str:
+    if "://" in value and not value.startswith("file://"):
+        return value.rstrip("/")
+    return "file://" + _resolve_path(value, info)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BBox(_Section):
+    """A half-open voxel box at the run's mip, x, y, z."""
+
+    start: Int3 = Field(description="First voxel, x y z (inclusive).")
+    stop: Int3 = Field(description="End voxel, x y z (exclusive).")
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "BBox":
+        if any(b <= a for a, b in zip(self.start, self.stop)):
+            raise ValueError(f"stop {self.stop} must exceed start {self.start} on every axis")
+        return self
+
+
+class Normalize(_Section):
+    """Input normalisation: integer images are first scaled to [0, 1] by their dtype's maximum."""
+
+    mean: float = Field(0.0, description="Subtracted after scaling to [0, 1].")
+    std: float = Field(1.0, gt=0, description="Divides after subtracting the mean.")
+
+
+class ModelConfig(_Section):
+    """The ConvNet and how it sees its input."""
+
+    path: str = Field(description="A torch.export program (.pt2), a TorchScript file (.pt, .ts, "
+                                  ".jit), or a Python file (.py) defining an nn.Module.")
+    weights: Optional[str] = Field(None, description="Weights for a .py model: .safetensors, "
+                                   "or a torch state dict loaded with weights_only=True.")
+    entry: Optional[str] = Field(None, description="For a .py model: the class or factory "
+                                 "called with no arguments. Default: build_model, else the "
+                                 "file's only nn.Module subclass.")
+    input_patch: Size3 = Field(description="Patch the model reads, x y z.")
+    output_patch: Optional[Size3] = Field(None, description="Centre of the patch the model's "
+                                          "output covers, x y z. Default: input_patch.")
+    output_channels: PositiveInt = Field(description="Channels the model outputs.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision on CUDA; the CPU always runs fp32.")
+    normalize: Normalize = Field(default_factory=Normalize)
+
+    @field_validator("path", "weights")
+    @classmethod
+    def _resolve(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        return None if value is None else _resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _patches(self) -> "ModelConfig":
+        if self.output_patch is None:
+            self.output_patch = list(self.input_patch)
+        for axis, i, o in zip("xyz", self.input_patch, self.output_patch):
+            if o > i:
+                raise ConfigError("model.output_patch",
+                                  f"{self.output_patch} is larger than input_patch "
+                                  f"{self.input_patch} along {axis}")
+            if (i - o) % 2:
+                raise ConfigError("model.output_patch",
+                                  f"input_patch - output_patch must be even along {axis} "
+                                  "(the output is the input patch's centre)")
+        return self
+
+    @property
+    def patch_margin(self) -> list[int]:
+        """Voxels the model's output lacks on each side of its input patch."""
+        return [(i - o) // 2 for i, o in zip(self.input_patch, self.output_patch)]
+
+
+class InferenceConfig(_Section):
+    """How the volume is cut into chunks and patches."""
+
+    chunk: Size3 = Field([256, 256, 32], description="Output chunk per task, x y z; a "
+                         "multiple of storage_chunk.")
+    margin: Optional[NonNeg3] = Field(None, description="Context read around each chunk in "
+                                      "crop mode, x y z. Default: patch_overlap plus the "
+                                      "model's patch margin.")
+    patch_overlap: NonNeg3 = Field([16, 16, 4], description="Overlap of neighbouring output "
+                                   "patches, x y z.")
+    blend: Literal["crop", "overlap"] = Field("crop", description="crop: each chunk reads "
+                                              "context and crops it (chunkflow's way).")
+    weighting: Literal["bump", "gaussian"] = Field("bump", description="Patch weights used "
+                                                   "to blend overlapping patches.")
+    batch_size: PositiveInt = Field(4, description="Patches per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when "
+                                                   "available.")
+    pad: Literal["zeros", "mirror"] = Field("zeros", description="What is read outside the "
+                                            "input volume.")
+
+
+class DownsampleConfig(_Section):
+    """The mip pyramid built over the output."""
+
+    mips: Annotated[int, Field(ge=0, le=16)] = Field(2, description="Mips to add; 0: none.")
+    factor: Size3 = Field([2, 2, 1], description="Per-mip factor, x y z: [2, 2, 1] or "
+                          "[2, 2, 2].")
+    memory_target: PositiveInt = Field(1 << 30, description="Bytes a downsample task may "
+                                       "hold; sizes the tasks.")
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, value: list[int]) -> list[int]:
+        if value not in ([2, 2, 1], [2, 2, 2]):
+            raise ValueError(f"{value} is not one of [2, 2, 1], [2, 2, 2]")
+        return value
+
+
+class RunConfig(_Section):
+    """One voxflow run: an input layer, a model, an output layer and its pyramid."""
+
+    input: str = Field(description="Input precomputed layer: file://, gs:// or a local path.")
+    output: str = Field(description="Output precomputed layer; created if missing.")
+    mip: Annotated[int, Field(ge=0)] = Field(0, description="Input mip to run at; the "
+                                             "output's mip 0 has its resolution.")
+    bbox: Optional[BBox] = Field(None, description="Region to process, voxels at mip. "
+                                 "Default: the input's bounds.")
+    model: ModelConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    output_dtype: Literal["float32", "float16", "uint8"] = Field(
+        "float32", description="uint8 stores round(255 * p), p clipped to [0, 1].")
+    storage_chunk: Size3 = Field([64, 64, 16], description="Storage chunk of the output "
+                                 "layer, x y z.")
+    downsample: DownsampleConfig = Field(default_factory=DownsampleConfig)
+
+    @field_validator("input", "output")
+    @classmethod
+    def _layer_url(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _as_layer_url(value, info)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        inf, model = self.inference, self.model
+        if inf.blend == "overlap":
+            raise ConfigError("inference.blend", "'overlap' is not available yet; use 'crop'")
+        for axis, ov, op in zip("xyz", inf.patch_overlap, model.output_patch):
+            if ov >= op:
+                raise ConfigError("inference.patch_overlap",
+                                  f"{inf.patch_overlap} must be smaller than output_patch "
+                                  f"{model.output_patch} along {axis}")
+        for axis, c, s in zip("xyz", inf.chunk, self.storage_chunk):
+            if c % s:
+                raise ConfigError("inference.chunk", f"{inf.chunk} must be a multiple of "
+                                  f"storage_chunk {self.storage_chunk} along {axis}")
+        for axis, p, c, m in zip("xyz", model.input_patch, inf.chunk, self.margin):
+            if p > c + 2 * m:
+                raise ConfigError("model.input_patch",
+                                  f"{model.input_patch} is larger than chunk {inf.chunk} plus "
+                                  f"twice the margin {self.margin} along {axis}")
+        if self.input == self.output:
+            raise ConfigError("output", "must differ from input")
+        return self
+
+    @property
+    def margin(self) -> list[int]:
+        """Context read around each chunk (crop mode)."""
+        if self.inference.margin is not None:
+            return list(self.inference.margin)
+        return [o + m for o, m in zip(self.inference.patch_overlap, self.model.patch_margin)]
+
+
+def _error_from_pydantic(exc: ValidationError) -> ConfigError:
+    parts, field = [], None
+    for err in exc.errors():
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, ConfigError):
+            return ctx_err
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+        field = field or loc
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "is required"
+        parts.append(msg if loc == field and not parts else f"{loc}: {msg}")
+    return ConfigError(field or "config", "; ".join(parts))
+
+
+def parse_config(data: Any, base_dir: str | os.PathLike | None = None) -> RunConfig:
+    """Validate a mapping into a `RunConfig`; relative paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise _error_from_pydantic(exc) from None
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read a YAML run config; relative paths resolve against the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path} is not valid YAML: "
+                          f"{' '.join(str(exc).split())}") from None
+    return parse_config(data, base_dir=path.resolve().parent)

@@ -1,0 +1,128 @@
+"""`SlidingWindow`: run a model over an array patch by patch and blend the patches.
+
+The patch lattice covers the array; neighbouring output patches overlap by `overlap` and the
+last patch along each axis is snapped to the end. Every patch's output is multiplied by a
+weight (bump or Gaussian) and summed; the sum is divided by the summed weights. Both stay on the
+model's device. Weights are separable and the lattice is a product of per-axis lattices, so the
+weight sum is an outer product of three 1D sums: no per-patch work for it.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .geometry import vec3
+from .models import Model
+
+Weighting = Literal["bump", "gaussian"]
+WEIGHT_FLOOR = 1e-6  # per axis, so a 3D weight never underflows float32
+
+
+def bump_profile(n: int) -> np.ndarray:
+    """chunkflow's bump along one axis: exp(-1 / (1 - t^2)), t in (-1, 1), peak scaled to 1."""
+    t = (np.arange(n, dtype=np.float64) + 1.0) / (n + 1.0) * 2.0 - 1.0
+    w = np.exp(-1.0 / (1.0 - t * t) + 1.0)
+    return np.maximum(w / w.max(), WEIGHT_FLOOR)
+
+
+def gaussian_profile(n: int) -> np.ndarray:
+    """A Gaussian along one axis with sigma = n / 8 (nnU-Net's choice), peak 1."""
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    sigma = max(n / 8.0, 1e-3)
+    return np.maximum(np.exp(-0.5 * (x / sigma) ** 2), WEIGHT_FLOOR)
+
+
+PROFILES = {"bump": bump_profile, "gaussian": gaussian_profile}
+
+
+def patch_weights(shape_zyx: Sequence[int], weighting: Weighting = "bump") -> np.ndarray:
+    """The 3D patch weight (z, y, x), float64: the outer product of per-axis profiles."""
+    z, y, x = (PROFILES[weighting](n) for n in shape_zyx)
+    return z[:, None, None] * y[None, :, None] * x[None, None, :]
+
+
+def lattice_starts(length: int, patch: int, stride: int) -> list[int]:
+    """Patch starts along one axis: 0, stride, ... and a last patch snapped to the end."""
+    if length < patch:
+        raise ValueError(f"length {length} is smaller than the patch {patch}")
+    starts = list(range(0, length - patch, stride))
+    starts.append(length - patch)
+    return starts
+
+
+class SlidingWindow:
+    """Patch lattice + weighted blending of a model's output, kept on the model's device.
+
+    Sizes are x, y, z (as in the config); arrays are (c, z, y, x). The output covers the input
+    minus the model's patch margin, (input_patch - output_patch) / 2, on each side.
+    """
+
+    def __init__(self, model: Model, input_patch: Sequence[int],
+                 output_patch: Sequence[int] | None = None,
+                 overlap: Sequence[int] = (0, 0, 0), batch_size: int = 4,
+                 weighting: Weighting = "bump"):
+        self.model = model
+        self.input_patch = tuple(reversed(vec3(input_patch)))          # z, y, x
+        self.output_patch = tuple(reversed(vec3(output_patch or input_patch)))
+        self.overlap = tuple(reversed(vec3(overlap)))
+        self.margin = tuple((i - o) // 2 for i, o in zip(self.input_patch, self.output_patch))
+        self.stride = tuple(o - v for o, v in zip(self.output_patch, self.overlap))
+        if any(s <= 0 for s in self.stride):
+            raise ValueError("overlap must be smaller than the output patch")
+        self.batch_size = batch_size
+        self.weighting = weighting
+        self._profiles = [PROFILES[weighting](n) for n in self.output_patch]
+        self._weight = torch.from_numpy(
+            patch_weights(self.output_patch, weighting).astype(np.float32)).to(model.device)
+
+    def output_shape(self, input_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
+        return tuple(n - 2 * m for n, m in zip(input_shape_zyx, self.margin))
+
+    def patches(self, input_shape_zyx: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Output-space starts (z, y, x) of every patch; input patches start at the same index."""
+        out = self.output_shape(input_shape_zyx)
+        per_axis = [lattice_starts(n, p, s) for n, p, s in
+                    zip(out, self.output_patch, self.stride)]
+        return [(z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+
+    def _weight_sum(self, out_shape: Sequence[int]) -> torch.Tensor:
+        sums = []
+        for n, p, s, prof in zip(out_shape, self.output_patch, self.stride, self._profiles):
+            acc = np.zeros(n)
+            for a in lattice_starts(n, p, s):
+                acc[a:a + p] += prof
+            sums.append(acc)
+        total = sums[0][:, None, None] * sums[1][None, :, None] * sums[2][None, None, :]
+        return torch.from_numpy(total.astype(np.float32)).to(self.model.device)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Blend the model over `image` (c, z, y, x); returns (C, z', y', x') on the device."""
+        x = image if isinstance(image, torch.Tensor) else self.model.normalize(image)
+        if x.ndim != 4:
+            raise ValueError(f"expected a (c, z, y, x) array, got shape {tuple(x.shape)}")
+        out_shape = self.output_shape(x.shape[1:])
+        if any(n < p for n, p in zip(out_shape, self.output_patch)):
+            raise ValueError(f"input {tuple(x.shape[1:])} (z, y, x) is smaller than the "
+                             f"input patch {self.input_patch}")
+        starts = self.patches(x.shape[1:])
+        acc = None
+        pz, py, px = self.input_patch
+        oz, oy, ox = self.output_patch
+        mz, my, mx = self.margin
+        for b in range(0, len(starts), self.batch_size):
+            group = starts[b:b + self.batch_size]
+            batch = torch.stack([x[:, z:z + pz, y:y + py, xx:xx + px] for z, y, xx in group])
+            pred = self.model(batch)
+            if tuple(pred.shape[2:]) == self.input_patch and self.input_patch != self.output_patch:
+                pred = pred[:, :, mz:mz + oz, my:my + oy, mx:mx + ox]
+            if acc is None:
+                acc = torch.zeros((pred.shape[1], *out_shape), dtype=torch.float32,
+                                  device=self.model.device)
+            pred = pred * self._weight
+            for k, (z, y, xx) in enumerate(group):
+                acc[:, z:z + oz, y:y + oy, xx:xx + ox] += pred[k]
+        acc /= self._weight_sum(out_shape)
+        return acc

@@ -1,0 +1,173 @@
+"""Loading ConvNets: torch.export programs, TorchScript files, or a Python file plus weights.
+
+`Model` hides the format: it takes a (n, c, z, y, x) float32 batch on its device and returns a
+float32 batch, padding the batch when an exported program was traced with a static batch size,
+and autocasting to bf16/fp16 on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import inspect
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .config import ConfigError, ModelConfig
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` means CUDA when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("inference.device", "cuda was asked for but no CUDA device is visible")
+    return torch.device(device)
+
+
+def _static_batch(program: torch.export.ExportedProgram) -> Optional[int]:
+    """The batch size an exported program was specialised to, or None if it is dynamic."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if val is not None and isinstance(val.shape[0], int):
+                return int(val.shape[0])
+            return None
+    return None
+
+
+def _load_python(cfg: ModelConfig) -> torch.nn.Module:
+    path = Path(cfg.path)
+    name = "voxflow_user_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if cfg.entry:
+        if not hasattr(module, cfg.entry):
+            raise ConfigError("model.entry", f"{path.name} defines no {cfg.entry!r}")
+        factory: Callable[[], torch.nn.Module] = getattr(module, cfg.entry)
+    elif hasattr(module, "build_model"):
+        factory = module.build_model
+    else:
+        classes = [c for c in vars(module).values() if inspect.isclass(c)
+                   and issubclass(c, torch.nn.Module) and c.__module__ == name]
+        if len(classes) != 1:
+            raise ConfigError("model.entry", f"{path.name} defines {len(classes)} nn.Module "
+                              "classes and no build_model(); name one with model.entry")
+        factory = classes[0]
+    net = factory()
+    if cfg.weights:
+        wpath = Path(cfg.weights)
+        if not wpath.is_file():
+            raise ConfigError("model.weights", f"file {wpath} not found")
+        if wpath.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(wpath))
+        else:
+            state = torch.load(wpath, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError("model.weights", f"do not fit {path.name}: "
+                              f"{' '.join(str(exc).split())[:300]}") from None
+    return net
+
+
+class Model:
+    """A loaded ConvNet on one device."""
+
+    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu"):
+        self.config = cfg
+        self.device = torch.device(device)
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise ConfigError("model.path", f"file {path} not found")
+        self.static_batch: Optional[int] = None
+        on_cuda = self.device.type == "cuda"
+        if path.suffix == ".pt2":
+            program = torch.export.load(str(path))
+            self.static_batch = _static_batch(program)
+            if on_cuda:
+                from torch.export.passes import move_to_device_pass
+                program = move_to_device_pass(program, self.device)
+            self._net = program.module()
+        elif path.suffix == ".py":
+            self._net = _load_python(cfg).to(self.device).eval()
+        elif path.suffix in TORCHSCRIPT_SUFFIXES:
+            try:
+                self._net = torch.jit.load(str(path), map_location=self.device).eval()
+            except RuntimeError as exc:
+                raise ConfigError("model.path", f"{path.name} is not a TorchScript file: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        else:
+            raise ConfigError("model.path", f"unknown model format {path.suffix!r}: use .pt2, "
+                              f"{', '.join(TORCHSCRIPT_SUFFIXES)} or .py")
+        self._channels_last = on_cuda
+        if on_cuda and isinstance(self._net, torch.nn.Module):
+            with contextlib.suppress(Exception):
+                self._net = self._net.to(memory_format=torch.channels_last_3d)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self._autocast = (torch.autocast("cuda", dtype=amp) if on_cuda and amp
+                          else contextlib.nullcontext())
+        self._mean, self._std = cfg.normalize.mean, cfg.normalize.std
+
+    def normalize(self, image: np.ndarray) -> torch.Tensor:
+        """Image voxels (c, z, y, x) of any dtype -> float32 on the device, as the model expects.
+
+        Integer images are moved to the device in their own dtype (less to copy), then scaled
+        to [0, 1] by the dtype's maximum; then (x - mean) / std.
+        """
+        t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+        t = t.float()
+        if np.issubdtype(image.dtype, np.integer):
+            t /= float(np.iinfo(image.dtype).max)
+        if self._mean != 0.0 or self._std != 1.0:
+            t = (t - self._mean) / self._std
+        return t
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, c, z, y, x) float32 -> (n, C, z', y', x') float32."""
+        n = batch.shape[0]
+        if self.static_batch is not None and n != self.static_batch:
+            if n > self.static_batch:
+                raise ValueError(f"batch of {n} exceeds the model's static batch "
+                                 f"{self.static_batch}")
+            pad = batch.new_zeros((self.static_batch - n, *batch.shape[1:]))
+            batch = torch.cat([batch, pad])
+        if self._channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        with self._autocast:
+            out = self._net(batch)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[:n].float()
+
+    def check(self, input_channels: int) -> None:
+        """Run one zero patch and refuse a model whose output is not as the config declares."""
+        cfg = self.config
+        c_in = input_channels
+        batch = torch.zeros((self.static_batch or 1, c_in, *reversed(cfg.input_patch)),
+                            device=self.device)
+        try:
+            out = self(batch)
+        except Exception as exc:  # the model's own error, whatever it is, names no field
+            raise ConfigError("model.input_patch", f"the model failed on a {cfg.input_patch} "
+                              f"patch: {' '.join(str(exc).split())[:300]}") from None
+        if out.ndim != 5:
+            raise ConfigError("model.path", f"model output has {out.ndim} dimensions, "
+                              "expected 5 (n, c, z, y, x)")
+        if out.shape[1] != cfg.output_channels:
+            raise ConfigError("model.output_channels", f"the model outputs {out.shape[1]} "
+                              f"channels, the config declares {cfg.output_channels}")
+        spatial = list(reversed(out.shape[2:]))
+        if spatial not in (list(cfg.input_patch), list(cfg.output_patch)):
+            raise ConfigError("model.output_patch", f"the model outputs a {spatial} patch for "
+                              f"input {cfg.input_patch}; expected {cfg.output_patch} or the "
+                              "input patch")

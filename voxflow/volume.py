@@ -1,0 +1,155 @@
+"""Volume I/O through cloud-volume: the one place where x, y, z meets (c, z, y, x).
+
+`Volume` opens a precomputed layer at a mip; `read` returns (c, z, y, x) arrays for any box,
+padding what lies outside the layer; `write` takes (c, z, y, x) arrays. Paths are cloud-volume
+URLs (`file://`, `gs://`, ...): nothing here assumes a local disk.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+from cloudvolume import Bbox, CloudVolume
+from cloudvolume.exceptions import InfoUnavailableError
+
+from .geometry import Box, Vec3, vec3
+
+Pad = Literal["zeros", "mirror"]
+IMAGE_DTYPES = ("uint8", "uint16", "float16", "float32")
+SEGMENTATION_DTYPES = ("uint32", "uint64")
+
+
+class LayerNotFound(FileNotFoundError):
+    """No precomputed layer (no readable `info`) at a path."""
+
+
+def _open(url: str, mip: int, **kwargs) -> CloudVolume:
+    return CloudVolume(url, mip=mip, fill_missing=True, bounded=False, progress=False,
+                       non_aligned_writes=True, **kwargs)
+
+
+class Volume:
+    """A precomputed layer opened at one mip."""
+
+    def __init__(self, url: str, mip: int = 0):
+        try:
+            self._cv = _open(url, mip)
+        except InfoUnavailableError:
+            raise LayerNotFound(f"no precomputed layer at {url}") from None
+        self.url = url
+        self.mip = mip
+
+    @classmethod
+    def exists(cls, url: str) -> bool:
+        try:
+            cls(url)
+        except LayerNotFound:
+            return False
+        return True
+
+    @classmethod
+    def create(cls, url: str, *, num_channels: int, dtype: str, resolution: Sequence[float],
+               voxel_offset: Sequence[int], size: Sequence[int], chunk: Sequence[int],
+               layer_type: Literal["image", "segmentation"] = "image",
+               encoding: Optional[str] = None) -> "Volume":
+        """Write the `info` of a new layer (mip 0 only) and open it."""
+        allowed = IMAGE_DTYPES if layer_type == "image" else SEGMENTATION_DTYPES
+        if dtype not in allowed:
+            raise ValueError(f"dtype {dtype} is not one of {allowed} for a {layer_type} layer")
+        if encoding is None:
+            encoding = "raw" if layer_type == "image" else "compressed_segmentation"
+        info = CloudVolume.create_new_info(
+            num_channels=int(num_channels), layer_type=layer_type, data_type=dtype,
+            encoding=encoding, resolution=[float(r) for r in resolution],
+            voxel_offset=list(vec3(voxel_offset)), volume_size=list(vec3(size)),
+            chunk_size=list(vec3(chunk)))
+        cv = CloudVolume(url, info=info, progress=False)
+        cv.commit_info()
+        return cls(url)
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def bounds(self) -> Box:
+        b = self._cv.meta.bounds(self.mip)
+        return Box(b.minpt, b.maxpt)
+
+    @property
+    def voxel_offset(self) -> Vec3:
+        return vec3(self._cv.meta.voxel_offset(self.mip))
+
+    @property
+    def resolution(self) -> tuple[float, float, float]:
+        return tuple(float(r) for r in self._cv.meta.resolution(self.mip))
+
+    @property
+    def chunk(self) -> Vec3:
+        """Storage chunk size at this mip."""
+        return vec3(self._cv.meta.chunk_size(self.mip))
+
+    @property
+    def num_channels(self) -> int:
+        return int(self._cv.meta.num_channels)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._cv.meta.data_type)
+
+    @property
+    def layer_type(self) -> str:
+        return self._cv.meta.layer_type
+
+    @property
+    def num_mips(self) -> int:
+        return len(self._cv.meta.available_mips)
+
+    def at_mip(self, mip: int) -> "Volume":
+        return Volume(self.url, mip)
+
+    # -- data ------------------------------------------------------------------------------
+    def read(self, box: Box, pad: Pad = "zeros") -> np.ndarray:
+        """Voxels of `box` as (c, z, y, x); outside the layer: zeros or a mirror image."""
+        inside = box.intersect(self.bounds)
+        if inside.is_empty():
+            if pad == "mirror":
+                raise ValueError(f"cannot mirror: box {box} lies outside {self.bounds}")
+            return np.zeros((self.num_channels, *reversed(box.shape)), dtype=self.dtype)
+        cut = self._cv.download(Bbox(inside.start, inside.stop), mip=self.mip)
+        data = np.ascontiguousarray(np.asarray(cut).transpose(3, 2, 1, 0))
+        if inside == box:
+            return data
+        before = [a - b for a, b in zip(inside.start, box.start)]
+        after = [a - b for a, b in zip(box.stop, inside.stop)]
+        widths = [(0, 0)] + [(b, a) for b, a in zip(reversed(before), reversed(after))]
+        if pad == "mirror":
+            return np.pad(data, widths, mode="reflect" if min(data.shape[1:]) > 1 else "edge")
+        return np.pad(data, widths)
+
+    def write(self, box: Box, data: np.ndarray) -> None:
+        """Write (c, z, y, x) `data` to `box`, which must lie inside the layer."""
+        expected = (self.num_channels, *reversed(box.shape))
+        if data.shape != expected:
+            raise ValueError(f"data of shape {data.shape} does not fit box {box} "
+                             f"(expected {expected})")
+        if not self.bounds.contains(box):
+            raise ValueError(f"box {box} is outside layer bounds {self.bounds}")
+        self._cv.image.upload(data.astype(self.dtype, copy=False).transpose(3, 2, 1, 0),
+                              Bbox(box.start, box.stop).minpt, self.mip,
+                              parallel=self._cv.parallel)
+
+    # -- pyramid ---------------------------------------------------------------------------
+    def ensure_mips(self, factor: Sequence[int], mips: int) -> None:
+        """Add scales 1..mips (each `factor` times coarser than the one before) if missing."""
+        cv = _open(self.url, 0)
+        changed = False
+        for m in range(1, mips + 1):
+            total = [f ** m for f in factor]
+            if m < len(cv.meta.available_mips):
+                have = [r / r0 for r, r0 in zip(cv.meta.resolution(m), cv.meta.resolution(0))]
+                if not np.allclose(have, total):
+                    raise ValueError(f"{self.url} mip {m} has factor {have}, not {total}")
+                continue
+            cv.meta.add_scale(total, chunk_size=cv.meta.chunk_size(0))
+            changed = True
+        if changed:
+            cv.commit_info()
+        self._cv = _open(self.url, self.mip)
