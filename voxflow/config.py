@@ -120,8 +120,9 @@ class InferenceConfig(_Section):
     margin: Optional[NonNeg3] = Field(None, description="Context read around each chunk in "
                                       "crop mode, x y z. Default: patch_overlap plus the "
                                       "model's patch margin.")
-    patch_overlap: NonNeg3 = Field([16, 16, 4], description="Overlap of neighbouring output "
-                                   "patches, x y z.")
+    patch_overlap: Optional[NonNeg3] = Field(None, description="Overlap of neighbouring "
+                                             "output patches, x y z. Default: a quarter of "
+                                             "the output patch.")
     blend: Literal["crop", "overlap"] = Field("crop", description="crop: each chunk reads "
                                               "context and crops it (chunkflow's way).")
     weighting: Literal["bump", "gaussian"] = Field("bump", description="Patch weights used "
@@ -177,6 +178,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         inf, model = self.inference, self.model
+        if inf.patch_overlap is None:
+            inf.patch_overlap = [p // 4 for p in model.output_patch]
         if inf.blend == "overlap":
             raise ConfigError("inference.blend", "'overlap' is not available yet; use 'crop'")
         for axis, ov, op in zip("xyz", inf.patch_overlap, model.output_patch):

@@ -1,0 +1,106 @@
+"""The three model formats give the same predictions; static batches are padded."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from voxflow.config import ConfigError, ModelConfig
+from voxflow.inference import SlidingWindow
+from voxflow.models import Model
+
+from conftest import SmallConv
+
+MODULE_SOURCE = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv3d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.b(torch.relu(self.a(x))))
+'''
+
+PATCH = [12, 10, 6]
+
+
+def _cfg(path, **kw):
+    return ModelConfig(path=str(path), input_patch=PATCH, output_channels=2, **kw)
+
+
+def _predict(cfg, image, batch_size=4):
+    return SlidingWindow(Model(cfg), PATCH, PATCH, [3, 3, 2], batch_size)(image).numpy()
+
+
+@pytest.fixture
+def image():
+    return (np.random.default_rng(2).random((1, 13, 20, 29)) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def reference(tmp_path, image):
+    path = tmp_path / "ref.pt"
+    torch.jit.script(SmallConv().eval()).save(str(path))
+    return _predict(_cfg(path), image)
+
+
+def test_exported_program_with_static_batch_pads_last_batch(tmp_path, image, reference):
+    example = torch.zeros(4, 1, *reversed(PATCH))
+    program = torch.export.export(SmallConv().eval(), (example,))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    model = Model(_cfg(tmp_path / "m.pt2"))
+    assert model.static_batch == 4
+    n_patches = len(SlidingWindow(model, PATCH, PATCH, [3, 3, 2], 4).patches(image.shape[1:]))
+    assert n_patches % 4                      # the last batch really is short
+    assert np.abs(_predict(_cfg(tmp_path / "m.pt2"), image) - reference).max() < 1e-6
+
+
+def test_exported_program_with_dynamic_batch(tmp_path, image, reference):
+    example = torch.zeros(2, 1, *reversed(PATCH))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(SmallConv().eval(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    assert Model(_cfg(tmp_path / "m.pt2")).static_batch is None
+    assert np.abs(_predict(_cfg(tmp_path / "m.pt2"), image, 3) - reference).max() < 1e-6
+
+
+@pytest.mark.parametrize("weights", ["w.safetensors", "w.pth"])
+def test_python_module_plus_weights(tmp_path, image, reference, weights):
+    (tmp_path / "net.py").write_text(MODULE_SOURCE)
+    state = SmallConv().state_dict()
+    if weights.endswith(".safetensors"):
+        save_file(state, str(tmp_path / weights))
+    else:
+        torch.save(state, tmp_path / weights)
+    cfg = _cfg(tmp_path / "net.py", weights=str(tmp_path / weights))
+    assert np.abs(_predict(cfg, image) - reference).max() < 1e-6
+    cfg = _cfg(tmp_path / "net.py", weights=str(tmp_path / weights), entry="Net")
+    assert np.abs(_predict(cfg, image) - reference).max() < 1e-6
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    (tmp_path / "net.py").write_text(MODULE_SOURCE)
+    save_file({"a.weight": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match="^model.weights: do not fit"):
+        Model(_cfg(tmp_path / "net.py", weights=str(tmp_path / "w.safetensors")))
+
+
+def test_unknown_format_and_missing_entry(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="^model.path: unknown model format"):
+        Model(_cfg(tmp_path / "m.onnx"))
+    (tmp_path / "net.py").write_text(MODULE_SOURCE)
+    with pytest.raises(ConfigError, match="^model.entry"):
+        Model(_cfg(tmp_path / "net.py", entry="Missing"))
+
+
+def test_normalisation_mean_std(tmp_path, image):
+    path = tmp_path / "m.pt"
+    torch.jit.script(SmallConv().eval()).save(str(path))
+    got = _predict(_cfg(path, normalize={"mean": 0.5, "std": 0.25}), image)
+    scaled = ((image.astype(np.float32) / 255.0) - 0.5) / 0.25
+    want = _predict(_cfg(path), scaled.astype(np.float32))   # float input: no scaling
+    assert np.abs(got - want).max() < 1e-6
+    assert np.abs(got - _predict(_cfg(path), image)).max() > 1e-3
