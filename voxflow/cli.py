@@ -81,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--dir", default="demo-output", help="where to write (default: "
                       "./demo-output)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    view = sub.add_parser("view", help="serve layers to Neuroglancer on 127.0.0.1")
+    view.add_argument("layers", nargs="+", help="precomputed layers (local paths or URLs)")
+    view.add_argument("--port", type=int, default=1337)
     args = parser.parse_args(argv)
 
     from . import pipeline
@@ -88,6 +91,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             from .demo.run import run_demo
             run_demo(args.dir, reporter=TqdmReporter(not args.quiet))
+            return 0
+        if args.command == "view":
+            from .view import make_server
+            server, link = make_server(args.layers, args.port)
+            print(f"serving on http://127.0.0.1:{server.server_address[1]} (Ctrl-C stops)")
+            print(f"open in a browser on this machine:\n{link}")
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
             return 0
         config = load_config(args.config)
         if args.command == "validate":

@@ -60,7 +60,8 @@ class Volume:
             encoding = "raw" if layer_type == "image" else "compressed_segmentation"
         info = CloudVolume.create_new_info(
             num_channels=int(num_channels), layer_type=layer_type, data_type=dtype,
-            encoding=encoding, resolution=[float(r) for r in resolution],
+            encoding=encoding, resolution=[int(r) if float(r).is_integer() else float(r)
+                                              for r in resolution],
             voxel_offset=list(vec3(voxel_offset)), volume_size=list(vec3(size)),
             chunk_size=list(vec3(chunk)))
         cv = CloudVolume(url, info=info, progress=False)
