@@ -128,3 +128,12 @@ def test_json_schema_describes_every_field():
     inference = schema["$defs"]["InferenceConfig"]["properties"]
     assert inference["blend"]["enum"] == ["crop", "overlap"]
     assert all("description" in v for v in inference.values())
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from RunConfig; regenerate with `voxflow config-doc`."""
+    from pathlib import Path
+
+    from voxflow.configdoc import config_reference
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_reference()

@@ -81,6 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--dir", default="demo-output", help="where to write (default: "
                       "./demo-output)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_parser("config-doc", help="print the run-config reference (Markdown)")
     view = sub.add_parser("view", help="serve layers to Neuroglancer on 127.0.0.1")
     view.add_argument("layers", nargs="+", help="precomputed layers (local paths or URLs)")
     view.add_argument("--port", type=int, default=1337)
@@ -91,6 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             from .demo.run import run_demo
             run_demo(args.dir, reporter=TqdmReporter(not args.quiet))
+            return 0
+        if args.command == "config-doc":
+            from .configdoc import config_reference
+            print(config_reference(), end="")
             return 0
         if args.command == "view":
             from .view import make_server

@@ -77,7 +77,7 @@ class ModelConfig(_Section):
                                    "or a torch state dict loaded with weights_only=True.")
     entry: Optional[str] = Field(None, description="For a .py model: the class or factory "
                                  "called with no arguments. Default: build_model, else the "
-                                 "file's only nn.Module subclass.")
+                                 "file's only public nn.Module subclass.")
     input_patch: Size3 = Field(description="Patch the model reads, x y z.")
     output_patch: Optional[Size3] = Field(None, description="Centre of the patch the model's "
                                           "output covers, x y z. Default: input_patch.")

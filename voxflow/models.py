@@ -56,10 +56,12 @@ def _load_python(cfg: ModelConfig) -> torch.nn.Module:
         factory = module.build_model
     else:
         classes = [c for c in vars(module).values() if inspect.isclass(c)
-                   and issubclass(c, torch.nn.Module) and c.__module__ == name]
+                   and issubclass(c, torch.nn.Module) and c.__module__ == name
+                   and not c.__name__.startswith("_")]
         if len(classes) != 1:
-            raise ConfigError("model.entry", f"{path.name} defines {len(classes)} nn.Module "
-                              "classes and no build_model(); name one with model.entry")
+            raise ConfigError("model.entry", f"{path.name} defines {len(classes)} public "
+                              "nn.Module classes and no build_model(); name one with "
+                              "model.entry")
         factory = classes[0]
     net = factory()
     if cfg.weights:
