@@ -3,7 +3,7 @@
 Follows the shape of Lee et al. 2017 ("Superhuman accuracy on the SNEMI3D
 connectomics challenge"): residual blocks at every level, additive (not
 concatenated) skip connections, and down/upsampling only in x and y, because
-serial-section EM is ~5x coarser in z than in x/y.  Kept tiny (~90k
+serial-section EM is ~5x coarser in z than in x/y.  Kept tiny (~102k
 parameters) so the bundled weights are commit-sized and CPU inference is fast.
 
 There is deliberately no normalisation layer: the network is a pure function

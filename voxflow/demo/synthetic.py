@@ -106,8 +106,8 @@ def make_em_volume(
 ) -> SyntheticVolume:
     """Render an EM-like volume of shape ``(x, y, z)``; arrays come back (z, y, x).
 
-    Deterministic for a given ``seed``.  A 256x256x32 volume takes about a
-    second; cost is linear in the number of voxels.
+    Deterministic for a given ``seed``.  A 256x256x32 volume takes 2-3 s on
+    one core; cost grows roughly linearly with the number of voxels.
     """
     nx, ny, nz = (int(s) for s in shape)
     if min(nx, ny, nz) < 1:

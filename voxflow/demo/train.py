@@ -26,7 +26,7 @@ DEFAULT_OUT = Path(__file__).parent / "rsunet.safetensors"
 TRAIN_SEEDS = (1, 2, 3, 4)
 DEMO_SEED = 0
 PATCH_ZYX = (16, 64, 64)
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = 900  # ~6.5 min on one CPU thread (~0.43 s/step at batch 2)
 
 
 def sample_batch(
@@ -59,8 +59,12 @@ def sample_batch(
         img = (img - 0.5) * contrast + 0.5 + rng.uniform(-0.08, 0.08)
         images.append(np.clip(img, 0.0, 1.0))
         targets.append(tgt)
-    to_t = lambda arrs: torch.from_numpy(np.ascontiguousarray(np.stack(arrs)[:, None]))
-    return to_t(images), to_t(targets)
+    return _stack(images), _stack(targets)
+
+
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
+    """List of (z, y, x) arrays -> contiguous float32 tensor (n, 1, z, y, x)."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)[:, None], dtype=np.float32))
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
