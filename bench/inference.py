@@ -67,14 +67,16 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="voxflow-bench-"))
     margin = list(args.overlap)                       # default crop-mode margin for this model
-    size = [c + 2 * m for c, m in zip(args.chunk, margin)]
-    # The layer starts at -margin, so the chunk [0, chunk) is one aligned task with full context.
+    # The layer spans [-chunk, chunk + margin): [0, chunk) is one task aligned to the chunk
+    # grid, and only its input, [-margin, chunk + margin), is written.
+    read = Box([0, 0, 0], args.chunk).grow(margin)
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (1, *reversed(size)), dtype=np.uint8)
+    image = rng.integers(0, 256, (1, *reversed(read.shape)), dtype=np.uint8)
     vol = Volume.create(f"file://{tmp}/image", num_channels=1, dtype="uint8",
-                        resolution=(8, 8, 40), voxel_offset=[-m for m in margin], size=size,
+                        resolution=(8, 8, 40), voxel_offset=[-c for c in args.chunk],
+                        size=[2 * c + m for c, m in zip(args.chunk, margin)],
                         chunk=storage_chunk_for(args.chunk))
-    vol.write(vol.bounds, image)
+    vol.write(read, image)
     cfg = parse_config({
         "input": f"file://{tmp}/image", "output": f"file://{tmp}/out",
         "bbox": {"start": [0, 0, 0], "stop": list(args.chunk)},
@@ -90,7 +92,7 @@ def main() -> None:
     p = plan(cfg, model)
     create_layers(p)
     stage = InferenceStage(p, model)
-    assert len(stage) == 1 and stage.read_box(0) == Box(p.bbox.start, p.bbox.stop).grow(margin)
+    assert len(stage) == 1 and stage.read_box(0) == read
     window = stage.window
     chunk_input = model.normalize(image)
     starts = window.patches(chunk_input.shape[1:])
