@@ -25,7 +25,8 @@ from voxflow.config import parse_config
 from voxflow.demo.run import HERE
 from voxflow.geometry import Box
 from voxflow.models import Model, pick_device
-from voxflow.pipeline import InferenceStage, create_layers, plan
+from voxflow.pipeline import create_layers, plan
+from voxflow.stages import InferenceStage, run_task
 from voxflow.volume import Volume
 
 
@@ -110,7 +111,7 @@ def main() -> None:
         window(image)
 
     def end_to_end():
-        stage.run_task(0)
+        run_task(stage, 0)
 
     end_to_end()                                      # warm-up: caches, allocator, lazy init
     t_fwd = timed(forward, device, args.repeat)

@@ -75,6 +75,21 @@ def torchscript_model(tmp_path):
     return save
 
 
+@pytest.fixture(autouse=True)
+def voxflow_home(tmp_path, monkeypatch):
+    """Every test gets its own embedded queue and logs (never ~/.voxflow)."""
+    home = tmp_path / "voxflow-home"
+    monkeypatch.setenv("VOXFLOW_HOME", str(home))
+    return home
+
+
+INLINE = {"inference": "local://0", "downsample": "local://0"}
+
+
 def write_config(path: Path, **config) -> Path:
+    """A YAML run config. Unless the test names worker groups, the driver works the queue
+    itself (local://0): the queue, messages and Worker are the same, minus process start-up;
+    tests of worker processes name local://N."""
+    config.setdefault("workers", INLINE)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

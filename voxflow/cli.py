@@ -12,19 +12,26 @@ from .config import ConfigError, load_config
 
 
 class TqdmReporter:
-    """One progress bar per stage: done / total, rate, ETA."""
+    """One progress bar per stage: done / total, failed, rate, ETA."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._bar = None
 
-    def start(self, stage: str, total: int) -> None:
-        from tqdm import tqdm
-        self._bar = tqdm(total=total, desc=f"{stage:>12}", unit="task", disable=not self.enabled,
-                         file=sys.stderr, dynamic_ncols=True)
+    def begin(self, run: str, queue: str) -> None:
+        print(f"run {run} (queue {queue}; `voxflow status {run}` shows it)", file=sys.stderr)
 
-    def advance(self, n: int = 1) -> None:
-        self._bar.update(n)
+    def start(self, stage: str, total: int, skipped: int) -> None:
+        from tqdm import tqdm
+        self._bar = tqdm(total=total, initial=skipped, desc=f"{stage:>12}", unit="task",
+                         disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
+        self._bar.set_postfix(failed=0, skipped=skipped)
+        self._skipped = skipped
+
+    def update(self, done: int, dead: int) -> None:
+        if done != self._bar.n:
+            self._bar.set_postfix(failed=dead, skipped=self._skipped, refresh=False)
+            self._bar.update(done - self._bar.n)
 
     def finish(self) -> None:
         self._bar.close()
@@ -77,17 +84,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd.add_argument("--json", action="store_true", help="print JSON")
         if name == "run":
             cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+            cmd.add_argument("--run-id", help="default: the output's name and a hash of the "
+                             "config (the same config resumes)")
     demo = sub.add_parser("demo", help="synthetic EM volume -> boundary map + pyramid + PNG")
     demo.add_argument("--dir", default="demo-output", help="where to write (default: "
                       "./demo-output)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("config-doc", help="print the run-config reference (Markdown)")
+    worker = sub.add_parser("worker", help="serve a queue's tasks until stopped or idle")
+    worker.add_argument("queue", help="queue URL, e.g. sqlite:///path/queue.db")
+    worker.add_argument("--kind", "--stage", action="append", dest="kinds",
+                        help="serve only these stages' kind (inference, downsample); "
+                        "repeatable; default: all")
+    worker.add_argument("--worker-id")
+    worker.add_argument("--lease-seconds", type=float, default=60.0)
+    worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS")
+    worker.add_argument("--threads", type=int, help="torch threads")
+    worker.add_argument("--no-prefetch", action="store_true")
+    for name, text in (("status", "a run's tasks per stage, and its dead letters"),
+                       ("retry-dead", "give a run's dead tasks new attempts")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run", help="run id (printed by voxflow run)")
+        cmd.add_argument("--queue", help="queue URL (default: the embedded queue)")
     view = sub.add_parser("view", help="serve layers to Neuroglancer on 127.0.0.1")
     view.add_argument("layers", nargs="+", help="precomputed layers (local paths or URLs)")
     view.add_argument("--port", type=int, default=1337)
     args = parser.parse_args(argv)
 
     from . import pipeline
+    from .runner import RunFailed as RunFailedError
     try:
         if args.command == "demo":
             from .demo.run import run_demo
@@ -97,6 +122,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .configdoc import config_reference
             print(config_reference(), end="")
             return 0
+        if args.command == "worker":
+            return _worker(args)
+        if args.command in ("status", "retry-dead"):
+            return _status(args)
         if args.command == "view":
             from .view import make_server
             server, link = make_server(args.layers, args.port)
@@ -120,13 +149,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 _print_plan(report)
         elif args.command == "run":
-            summary = pipeline.run(config, TqdmReporter(not args.quiet))
+            from .runner import run
+            summary = run(config, TqdmReporter(not args.quiet), args.run_id)
             for s in summary.stages:
-                print(f"{s.name}: {s.tasks} tasks in {s.seconds:.1f} s")
+                print(f"{s.name}: {s.tasks} tasks ({s.skipped} already done) in "
+                      f"{s.seconds:.1f} s")
             print(f"done: {summary.voxels} voxels -> {summary.output}")
     except ConfigError as exc:
         print(f"voxflow: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailedError as exc:
+        print(f"voxflow: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker(args) -> int:
+    """A worker process: SIGTERM/SIGINT release the held leases and exit within a second."""
+    import os
+    import signal
+
+    from .queues import open_queue
+    from .stages import StageCache
+    from .worker import Worker
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    queue = open_queue(args.queue, lease_seconds=args.lease_seconds)
+    worker = Worker(queue, StageCache(queue.run_params), args.kinds, args.worker_id,
+                    args.lease_seconds, prefetch=not args.no_prefetch)
+    stop = lambda signum, frame: worker.stop.set()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run(args.exit_when_idle)
+    sys.stderr.flush()
+    os._exit(0)          # do not wait for a compute thread that a stop left running
+
+
+def _status(args) -> int:
+    from .config import QueueConfig
+    from .queues import open_queue
+    queue = open_queue(args.queue or QueueConfig().url)
+    if args.command == "retry-dead":
+        print(f"{queue.retry_dead(args.run)} dead task(s) of {args.run} are pending again; "
+              "run the config again to process them")
+        return 0
+    stats = queue.stats(args.run)
+    if not stats:
+        print(f"voxflow: error: run: no run {args.run!r} in {queue.url}", file=sys.stderr)
+        return 2
+    print(f"{'stage':>14} {'total':>9} {'pending':>9} {'leased':>9} {'done':>9} {'dead':>9}")
+    for name, s in stats.items():
+        print(f"{name:>14} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} {s.dead:>9}")
+    for d in queue.dead_letters(args.run, limit=20):
+        print(f"dead: {d.stage} #{d.index} after {d.attempts} attempt(s): {d.error}")
     return 0
 
 

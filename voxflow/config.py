@@ -151,6 +151,83 @@ class DownsampleConfig(_Section):
         return value
 
 
+def voxflow_home() -> Path:
+    """Where embedded defaults live (the queue file, worker logs): $VOXFLOW_HOME or ~/.voxflow."""
+    return Path(os.environ.get("VOXFLOW_HOME") or Path.home() / ".voxflow").resolve()
+
+
+class QueueConfig(_Section):
+    """The task queue every stage's messages go through."""
+
+    url: str = Field(default_factory=lambda: f"sqlite://{voxflow_home() / 'queue.db'}",
+                     description="sqlite:///path/queue.db (embedded default: "
+                     "$VOXFLOW_HOME/queue.db, shared by runs).")
+    lease_seconds: float = Field(60.0, gt=0, description="Visibility timeout of a pulled "
+                                 "task; workers extend it while they work.")
+    max_attempts: PositiveInt = Field(3, description="Deliveries before a task goes to dead "
+                                      "letters with its last error.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _queue_url(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("sqlite:///"):
+            return "sqlite://" + _resolve_path(value[len("sqlite:///"):] if not
+                                               value.startswith("sqlite:////") else
+                                               value[len("sqlite://"):], info)
+        raise ValueError(f"{value!r} is not a known queue URL (sqlite:///path/queue.db)")
+
+
+class GroupConfig(_Section):
+    """A worker group and how the autoscaler sizes it."""
+
+    group: str = Field("local://1", description="local://N: up to N worker processes on "
+                       "this machine; local://0: the driver works the queue itself.")
+    min: Annotated[int, Field(ge=0)] = Field(0, description="Fewest workers while the stage "
+                                             "has work.")
+    max: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="Most workers. "
+                                                       "Default: N of local://N.")
+    tasks_per_worker: PositiveInt = Field(4, description="Backlog per worker the autoscaler "
+                                          "aims for.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, value: Any) -> Any:
+        return {"group": value} if isinstance(value, str) else value
+
+    @field_validator("group")
+    @classmethod
+    def _group_url(cls, value: str) -> str:
+        if value.startswith("local://") and value[len("local://"):].isdigit():
+            return value
+        raise ValueError(f"{value!r} is not a known worker group URL (local://N)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "GroupConfig":
+        capacity = int(self.group[len("local://"):])
+        if self.max is None:
+            self.max = capacity
+        if self.max > capacity and capacity:
+            raise ValueError(f"max {self.max} exceeds the group's {capacity} workers")
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} exceeds max {self.max}")
+        return self
+
+
+class WorkersConfig(_Section):
+    """One worker group per kind of stage."""
+
+    inference: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://1"),
+                                   description="GPU group in the cloud; one process per "
+                                   "device here.")
+    downsample: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
+                                    description="CPU group.")
+
+
 class RunConfig(_Section):
     """One voxflow run: an input layer, a model, an output layer and its pyramid."""
 
@@ -167,6 +244,8 @@ class RunConfig(_Section):
     storage_chunk: Size3 = Field([64, 64, 16], description="Storage chunk of the output "
                                  "layer, x y z.")
     downsample: DownsampleConfig = Field(default_factory=DownsampleConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @field_validator("input", "output")
     @classmethod

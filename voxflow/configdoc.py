@@ -24,17 +24,24 @@ def _type(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("Annotated", "")
     for noise in ("voxflow.config.", "<class '", "'>"):
         text = text.replace(noise, "")
-    if text.startswith("Optional["):
-        text = text[len("Optional["):-1]
+    if text.startswith("Optional[") or text.startswith("Union["):
+        text = text.split("[", 1)[1][:-1]
+        if text.endswith(", NoneType"):
+            text = text[:-len(", NoneType")]
     if "Literal[" in text:
         return " \\| ".join(a.strip(" '") for a in text.split("Literal[", 1)[1].split("]")[0]
                             .split(","))
     if "list[" in text:
         return "[x, y, z]"
-    return text.split("[")[0].strip()
+    for name in ("int", "float", "str", "bool"):
+        if text.lstrip("[").startswith(name):
+            return name
+    return text
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _rows(model: type[BaseModel], prefix: str = "",
+          defaults: BaseModel | None = None) -> list[str]:
+    """One row per field; `defaults` is the section's default instance, when it has one."""
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -43,14 +50,22 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
                     if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if sub is not None:
             rows.append(f"| `{key}` | section | | {field.description or sub.__doc__ or ''} |")
-            rows += _rows(sub, key + ".")
+            section = getattr(defaults, name, None) if defaults is not None else None
+            if section is None and field.default_factory is not None:
+                section = field.default_factory()
+            rows += _rows(sub, key + ".", section)
             continue
+        value = getattr(defaults, name) if defaults is not None else field.default
         if field.default is PydanticUndefined and field.default_factory is None:
             default = "**required**"
-        elif field.default is None:
+        elif field.default_factory is not None and defaults is None:
+            default = "derived"                  # machine-dependent (e.g. $VOXFLOW_HOME)
+        elif value is None or value is PydanticUndefined:
             default = "derived" if "Default:" in (field.description or "") else ""
+        elif field.default_factory is not None and key.endswith(".url"):
+            default = "derived"
         else:
-            default = f"`{json.dumps(field.default)}`"
+            default = f"`{json.dumps(value)}`"
         rows.append(f"| `{key}` | {_type(ann)} | {default} | {field.description or ''} |")
     return rows
 

@@ -13,7 +13,7 @@ import yaml
 
 from ..config import load_config
 from ..geometry import Box
-from ..pipeline import Reporter, run
+from ..runner import Reporter, run
 from ..volume import Volume
 
 HERE = Path(__file__).resolve().parent

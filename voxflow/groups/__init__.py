@@ -1,0 +1,50 @@
+"""`WorkerGroup`: a resizable set of workers, and the `Autoscaler` that sizes it.
+
+Backends by URL: `local://N` (worker processes on this machine). The autoscaler is the same
+for every backend: target = clamp(ceil(backlog / tasks_per_worker), min, max), zero once the
+stage has drained; scale-down stops only idle workers (those holding no lease).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+
+class WorkerGroup(Protocol):
+    def size(self) -> int:
+        """Workers alive (or starting) now; reaps dead ones, which resize() replaces."""
+
+    def resize(self, target: int, busy: set[str]) -> None:
+        """Grow to `target`, or shrink by stopping workers not in `busy`."""
+
+    def close(self) -> None:
+        """Stop every worker (SIGTERM: their leases are released), then reap them."""
+
+
+class Autoscaler:
+    """Sizes one group from one stage's backlog."""
+
+    def __init__(self, group: WorkerGroup, minimum: int, maximum: int, tasks_per_worker: int):
+        self.group = group
+        self.min, self.max, self.per = minimum, maximum, tasks_per_worker
+        self.target = 0
+
+    def desired(self, backlog: int) -> int:
+        if backlog <= 0:
+            return 0
+        return max(self.min, min(self.max, math.ceil(backlog / self.per)))
+
+    def step(self, backlog: int, busy: set[str]) -> int:
+        self.target = self.desired(backlog)
+        self.group.resize(self.target, busy)
+        return self.target
+
+
+def open_group(url: str, queue_url: str, kind: str, **options) -> Optional[WorkerGroup]:
+    """The group for `url`; None for local://0 (the driver works the queue itself)."""
+    if url.startswith("local://"):
+        if int(url[len("local://"):]) == 0:
+            return None
+        from .local import LocalGroup
+        return LocalGroup(queue_url, kind, **options)
+    raise ValueError(f"unknown worker group URL {url!r}")

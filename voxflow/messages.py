@@ -1,0 +1,52 @@
+"""Task messages: small versioned JSON documents, never code.
+
+A message names a run, a stage and a task index, and carries the task's box for humans and
+for a consistency check (the worker recomputes the box from the run's plan and refuses a
+mismatch). Anything that does not parse into `TaskMessage` is malformed and goes to dead
+letters; it never crashes a worker.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .geometry import Box
+
+VERSION = 1
+Int3 = Annotated[list[int], Field(min_length=3, max_length=3)]
+
+
+class MalformedMessage(ValueError):
+    """A message body that is not a valid task message."""
+
+
+class TaskMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = VERSION
+    run: str = Field(min_length=1, max_length=200)
+    stage: str = Field(min_length=1, max_length=100)
+    index: int = Field(ge=0)
+    box: Annotated[list[Int3], Field(min_length=2, max_length=2)]
+
+    @property
+    def bbox(self) -> Box:
+        return Box(self.box[0], self.box[1])
+
+
+def encode(run: str, stage: str, index: int, box: Box) -> str:
+    """The message body (compact JSON; written by hand for publish speed)."""
+    (a, b, c), (d, e, f) = box.start, box.stop
+    return (f'{{"v":{VERSION},"run":{json.dumps(run)},"stage":{json.dumps(stage)},'
+            f'"index":{index},"box":[[{a},{b},{c}],[{d},{e},{f}]]}}')
+
+
+def decode(body: str | bytes) -> TaskMessage:
+    try:
+        return TaskMessage.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise MalformedMessage(f"malformed task message ({where}: {first['msg']})") from None

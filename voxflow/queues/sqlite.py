@@ -1,0 +1,274 @@
+"""The embedded `TaskQueue`: one SQLite file (WAL), safe across processes.
+
+One row per task, keyed by (run, stage, index). `due` orders delivery: 0 for pending tasks,
+the lease expiry for leased ones, +inf for done and dead ones, so "what can be delivered now"
+is one range scan of the (kind, due) index. Per-stage counters are kept in the same
+transactions, so progress never scans the task table.
+"""
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+from . import DeadLetter, Lease, StageStats
+
+PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
+NEVER = 1e300
+_STATE_COLUMN = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+  run TEXT NOT NULL, stage TEXT NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL,
+  body TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0, due REAL NOT NULL DEFAULT 0,
+  attempts INTEGER NOT NULL DEFAULT 0, token TEXT, worker TEXT, error TEXT,
+  PRIMARY KEY (run, stage, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_due ON tasks (kind, due);
+CREATE TABLE IF NOT EXISTS counts (
+  run TEXT NOT NULL, stage TEXT NOT NULL, kind TEXT NOT NULL,
+  pending INTEGER NOT NULL DEFAULT 0, leased INTEGER NOT NULL DEFAULT 0,
+  done INTEGER NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (run, stage)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+  run TEXT PRIMARY KEY, params TEXT NOT NULL, max_attempts INTEGER NOT NULL,
+  created REAL NOT NULL) WITHOUT ROWID;
+"""
+
+
+class SQLiteQueue:
+    """`TaskQueue` over one SQLite file; open one per process (or thread group)."""
+
+    def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3):
+        self.url = url
+        if not url.startswith("sqlite:///"):
+            raise ValueError(f"expected sqlite:///path/queue.db, got {url!r}")
+        self.path = Path(url[len("sqlite://"):])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lease_seconds = lease_seconds
+        self.default_max_attempts = max_attempts
+        self._max_attempts: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout = 60000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        with self._write() as db:
+            for stmt in filter(str.strip, SCHEMA.split(";")):
+                db.execute(stmt)
+
+    # -- transactions --------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, q: "SQLiteQueue"):
+            self.q = q
+
+        def __enter__(self):
+            self.q._lock.acquire()
+            self.q._db.execute("BEGIN IMMEDIATE")
+            return self.q._db
+
+        def __exit__(self, exc_type, *_):
+            try:
+                self.q._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.q._lock.release()
+
+    def _write(self) -> "_Tx":
+        return SQLiteQueue._Tx(self)
+
+    @staticmethod
+    def _count(db, run: str, stage: str, **delta: int) -> None:
+        sets = ", ".join(f"{k} = {k} + ?" for k in delta)
+        db.execute(f"UPDATE counts SET {sets} WHERE run = ? AND stage = ?",
+                   (*delta.values(), run, stage))
+
+    def _attempt_limit(self, db, run: str) -> int:
+        if run not in self._max_attempts:
+            row = db.execute("SELECT max_attempts FROM runs WHERE run = ?", (run,)).fetchone()
+            if row is None:
+                return self.default_max_attempts
+            self._max_attempts[run] = row[0]
+        return self._max_attempts[run]
+
+    # -- runs ----------------------------------------------------------------------------
+    def register_run(self, run: str, params: str, max_attempts: Optional[int] = None) -> None:
+        """Store the run's parameters (what workers build the run's plan from)."""
+        with self._write() as db:
+            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT (run) DO UPDATE SET "
+                       "params = excluded.params, max_attempts = excluded.max_attempts",
+                       (run, params, max_attempts or self.default_max_attempts, time.time()))
+        self._max_attempts.pop(run, None)
+
+    def run_params(self, run: str) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT params FROM runs WHERE run = ?", (run,)).fetchone()
+        if row is None:
+            raise KeyError(f"run {run!r} is not registered in {self.url}")
+        return row[0]
+
+    def runs(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT run FROM runs ORDER BY created")]
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(self, run: str, stage: str, kind: str,
+                messages: Iterable[tuple[int, str]], batch: int = 20_000) -> int:
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO counts (run, stage, kind) VALUES (?, ?, ?)",
+                       (run, stage, kind))
+        added = 0
+        rows: list[tuple] = []
+        for index, body in messages:
+            rows.append((run, stage, index, kind, body))
+            if len(rows) >= batch:
+                added += self._insert(run, stage, rows)
+                rows = []
+        if rows:
+            added += self._insert(run, stage, rows)
+        return added
+
+    def _insert(self, run: str, stage: str, rows: list[tuple]) -> int:
+        with self._write() as db:
+            cur = db.executemany("INSERT OR IGNORE INTO tasks (run, stage, idx, kind, body) "
+                                 "VALUES (?, ?, ?, ?, ?)", rows)
+            added = cur.rowcount
+            self._count(db, run, stage, pending=added)
+        return added
+
+    # -- leasing -------------------------------------------------------------------------
+    def _kinds(self, db) -> list[str]:
+        return [r[0] for r in db.execute("SELECT DISTINCT kind FROM counts")]
+
+    def pull(self, kinds: Optional[Iterable[str]] = None, n: int = 1, worker: str = "",
+             lease_seconds: Optional[float] = None) -> list[Lease]:
+        """Lease up to `n` deliverable messages of the given kinds (all kinds if None)."""
+        lease_seconds = lease_seconds or self.lease_seconds
+        out: list[Lease] = []
+        with self._write() as db:
+            now = time.time()
+            for kind in (list(kinds) if kinds else self._kinds(db)):
+                rows = db.execute(
+                    "SELECT run, stage, idx, body, state, attempts FROM tasks "
+                    "WHERE kind = ? AND due < ? ORDER BY due LIMIT ?",
+                    (kind, now, n - len(out) + 64)).fetchall()
+                for run, stage, idx, body, state, attempts in rows:
+                    if len(out) >= n:
+                        break
+                    if state == LEASED and attempts >= self._attempt_limit(db, run):
+                        db.execute("UPDATE tasks SET state = ?, due = ?, token = NULL, "
+                                   "error = ? WHERE run = ? AND stage = ? AND idx = ?",
+                                   (DEAD, NEVER, f"lease expired {attempts} times: the worker "
+                                    "was lost each time", run, stage, idx))
+                        self._count(db, run, stage, leased=-1, dead=1)
+                        continue
+                    token = secrets.token_hex(8)
+                    db.execute("UPDATE tasks SET state = ?, due = ?, attempts = ?, token = ?, "
+                               "worker = ? WHERE run = ? AND stage = ? AND idx = ?",
+                               (LEASED, now + lease_seconds, attempts + 1, token, worker, run,
+                                stage, idx))
+                    if state == PENDING:
+                        self._count(db, run, stage, pending=-1, leased=1)
+                    out.append(Lease(run, stage, idx, body, attempts + 1, token))
+                if len(out) >= n:
+                    break
+        return out
+
+    def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool:
+        """Push the lease's expiry out; False if the lease was lost (expired and retaken)."""
+        with self._write() as db:
+            cur = db.execute("UPDATE tasks SET due = ? WHERE run = ? AND stage = ? AND idx = ? "
+                             "AND token = ? AND state = ?",
+                             (time.time() + (seconds or self.lease_seconds), lease.run,
+                              lease.stage, lease.index, lease.token, LEASED))
+            return cur.rowcount == 1
+
+    def ack(self, lease: Lease) -> None:
+        """Record the task done (its writes are complete). Idempotent."""
+        self.ack_many([lease])
+
+    def ack_many(self, leases: Iterable[Lease]) -> None:
+        with self._write() as db:
+            for lease in leases:
+                key = (lease.run, lease.stage, lease.index)
+                row = db.execute("SELECT state FROM tasks WHERE run = ? AND stage = ? AND "
+                                 "idx = ?", key).fetchone()
+                if row is None or row[0] == DONE:
+                    continue
+                db.execute("UPDATE tasks SET state = ?, due = ?, token = NULL, error = NULL "
+                           "WHERE run = ? AND stage = ? AND idx = ?", (DONE, NEVER, *key))
+                self._count(db, lease.run, lease.stage, **{_STATE_COLUMN[row[0]]: -1, "done": 1})
+
+    def _settle(self, lease: Lease, error: Optional[str], how: str) -> None:
+        with self._write() as db:
+            key = (lease.run, lease.stage, lease.index)
+            row = db.execute("SELECT attempts FROM tasks WHERE run = ? AND stage = ? AND idx = ? "
+                             "AND token = ? AND state = ?", (*key, lease.token, LEASED)).fetchone()
+            if row is None:
+                return                                  # lease lost: someone else has it
+            attempts = row[0]
+            if how == "release":
+                state, attempts = PENDING, attempts - 1
+            elif how == "dead" or attempts >= self._attempt_limit(db, lease.run):
+                state = DEAD
+            else:
+                state = PENDING
+            db.execute("UPDATE tasks SET state = ?, due = ?, attempts = ?, token = NULL, "
+                       "error = COALESCE(?, error) WHERE run = ? AND stage = ? AND idx = ?",
+                       (state, 0 if state == PENDING else NEVER, attempts, error, *key))
+            self._count(db, lease.run, lease.stage, leased=-1, **{_STATE_COLUMN[state]: 1})
+
+    def nack(self, lease: Lease, error: str) -> None:
+        """The task failed: retry it, or dead-letter it once it has had max_attempts."""
+        self._settle(lease, error, "nack")
+
+    def release(self, lease: Lease) -> None:
+        """Give the task back at once (preemption); not counted as an attempt."""
+        self._settle(lease, None, "release")
+
+    def dead_letter(self, lease: Lease, error: str) -> None:
+        """Dead-letter now, whatever the attempt count (a malformed message)."""
+        self._settle(lease, error, "dead")
+
+    # -- inspection ----------------------------------------------------------------------
+    def stats(self, run: str) -> dict[str, StageStats]:
+        with self._lock:
+            rows = self._db.execute("SELECT stage, pending, leased, done, dead FROM counts "
+                                    "WHERE run = ?", (run,)).fetchall()
+        return {stage: StageStats(p, l, d, x) for stage, p, l, d, x in rows}
+
+    def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]:
+        with self._lock:
+            rows = self._db.execute("SELECT run, stage, idx, attempts, COALESCE(error, '') "
+                                    "FROM tasks WHERE run = ? AND state = ? ORDER BY stage, idx "
+                                    "LIMIT ?", (run, DEAD, limit)).fetchall()
+        return [DeadLetter(*r) for r in rows]
+
+    def retry_dead(self, run: str) -> int:
+        """Give every dead task of the run a fresh set of attempts."""
+        with self._write() as db:
+            per_stage = db.execute("SELECT stage, COUNT(*) FROM tasks WHERE run = ? AND "
+                                   "state = ? GROUP BY stage", (run, DEAD)).fetchall()
+            db.execute("UPDATE tasks SET state = ?, due = 0, attempts = 0 WHERE run = ? AND "
+                       "state = ?", (PENDING, run, DEAD))
+            for stage, n in per_stage:
+                self._count(db, run, stage, dead=-n, pending=n)
+        return sum(n for _, n in per_stage)
+
+    def busy_workers(self, kind: Optional[str] = None) -> set[str]:
+        """Workers holding an unexpired lease (of `kind`)."""
+        with self._lock:
+            now = time.time()
+            kinds = [kind] if kind else self._kinds(self._db)
+            busy: set[str] = set()
+            for k in kinds:
+                busy.update(r[0] for r in self._db.execute(
+                    "SELECT DISTINCT worker FROM tasks WHERE kind = ? AND due >= ? AND due < ?",
+                    (k, now, NEVER)))
+        return busy
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

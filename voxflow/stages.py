@@ -1,0 +1,170 @@
+"""Stage operations: what a worker does for one task, by stage name and task index.
+
+A worker runs only operations it knows by name (`build_stage`). Each task is split into
+`load` (read its input: I/O, prefetched while the previous task computes) and `process`
+(compute and write). Both are idempotent: re-running a task writes the same bytes to the same
+places, so at-least-once delivery is harmless.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from .downsample import downsample
+from .geometry import Box, ChunkGrid
+from .inference import SlidingWindow
+from .models import Model, pick_device
+from .config import RunConfig
+from .pipeline import Plan, plan
+from .volume import Volume
+
+
+class Stage(Protocol):
+    name: str
+    kind: str             # which worker group serves it: "inference" | "downsample"
+
+    def __len__(self) -> int: ...
+
+    def box(self, index: int) -> Box: ...
+
+    def load(self, index: int) -> Any: ...
+
+    def process(self, index: int, loaded: Any) -> None: ...
+
+
+def run_task(stage: Stage, index: int) -> None:
+    stage.process(index, stage.load(index))
+
+
+def to_output_dtype(prob: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 probabilities -> the output dtype, on the device (less to copy back)."""
+    if dtype == "uint8":
+        return (prob.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return prob.to(getattr(torch, dtype))
+
+
+class InferenceStage:
+    """Crop mode: each task reads its chunk plus margin, runs SlidingWindow, crops, writes."""
+
+    name = kind = "inference"
+
+    def __init__(self, p: Plan, model: Optional[Model] = None):
+        self.plan = p
+        cfg = p.config
+        self.model = model or Model(cfg.model, pick_device(cfg.inference.device))
+        self.window = SlidingWindow(self.model, cfg.model.input_patch, cfg.model.output_patch,
+                                    cfg.inference.patch_overlap, cfg.inference.batch_size,
+                                    cfg.inference.weighting)
+        self._input = Volume(cfg.input, cfg.mip)
+        self._output = Volume(cfg.output)
+
+    def __len__(self) -> int:
+        return len(self.plan.grid)
+
+    def box(self, index: int) -> Box:
+        return self.plan.grid.box(index)
+
+    def read_box(self, index: int) -> Box:
+        """The chunk plus margin, grown to at least one input patch."""
+        read = self.plan.grid.read_box(index)
+        short = [max(p - n, 0) for p, n in zip(self.plan.config.model.input_patch, read.shape)]
+        return Box([a - s // 2 for a, s in zip(read.start, short)],
+                   [b + s - s // 2 for b, s in zip(read.stop, short)])
+
+    def load(self, index: int) -> np.ndarray:
+        return self._input.read(self.read_box(index), pad=self.plan.config.inference.pad)
+
+    def process(self, index: int, image: np.ndarray) -> None:
+        box, read = self.box(index), self.read_box(index)
+        result = self.window(image)                      # covers read minus the patch margin
+        origin = [a + m for a, m in zip(read.start, self.plan.config.model.patch_margin)]
+        crop = result[(slice(None), *box.zyx_slices(origin))]
+        data = to_output_dtype(crop, self.plan.config.output_dtype).cpu().numpy()
+        self._output.write(box, data)
+
+
+class DownsampleStage:
+    """One pass of the pyramid: read a source-mip box, write the mips above it."""
+
+    kind = "downsample"
+
+    def __init__(self, p: Plan, number: int):
+        self.plan = p
+        self.name = f"downsample-{number}"
+        self.pass_ = p.downsample[number]
+        url = p.config.output
+        self._volumes = [Volume(url, self.pass_.source_mip + k) for k in range(self.pass_.mips + 1)]
+
+    def __len__(self) -> int:
+        return len(self.pass_.grid)
+
+    def box(self, index: int) -> Box:
+        return self.pass_.grid.box(index)
+
+    def load(self, index: int) -> np.ndarray:
+        return self._volumes[0].read(self.box(index))
+
+    def process(self, index: int, image: np.ndarray) -> None:
+        factor = self.plan.config.downsample.factor
+        seg = self._volumes[0].layer_type == "segmentation"
+        for k, level in enumerate(downsample(image, factor, self.pass_.mips, seg), 1):
+            self._volumes[k].write(self.pass_.target_box(self.box(index), factor, k), level)
+
+
+def stage_grid(p: Plan, name: str) -> ChunkGrid:
+    """The task grid of stage `name` (what is published, and what messages are checked
+    against)."""
+    if name == "inference":
+        return p.grid
+    kind, _, number = name.partition("-")
+    if kind == "downsample" and number.isdigit() and int(number) < len(p.downsample):
+        return p.downsample[int(number)].grid
+    raise KeyError(f"unknown stage {name!r}")
+
+
+def stage_names(p: Plan) -> list[str]:
+    """The run's stages, in the order they run."""
+    return ["inference"] + [f"downsample-{i}" for i in range(len(p.downsample))]
+
+
+def stage_kind(name: str) -> str:
+    return name.split("-", 1)[0]
+
+
+def build_stage(p: Plan, name: str, model: Optional[Model] = None) -> Stage:
+    """The operation for stage `name`; unknown names are refused (a message is not code)."""
+    stage_grid(p, name)
+    if name == "inference":
+        return InferenceStage(p, model)
+    return DownsampleStage(p, int(name.partition("-")[2]))
+
+
+class StageCache:
+    """Builds a run's stages from the parameters stored with the run, once per run.
+
+    Keeps the most recent runs only (a worker serving many runs must not keep every model).
+    """
+
+    def __init__(self, params: Callable[[str], str], keep: int = 2):
+        self._params = params
+        self._keep = keep
+        self._runs: dict[str, tuple[Plan, Optional[Model], dict[str, Stage]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, run: str, name: str) -> Stage:
+        with self._lock:
+            if run not in self._runs:
+                config = RunConfig.model_validate_json(self._params(run))
+                model = None
+                if stage_kind(name) == "inference":   # load once, on the worker's device
+                    model = Model(config.model, pick_device(config.inference.device))
+                self._runs[run] = (plan(config, model, check_model=False), model, {})
+                while len(self._runs) > self._keep:
+                    self._runs.pop(next(iter(self._runs)))
+            p, model, stages = self._runs[run]
+            if name not in stages:
+                stages[name] = build_stage(p, name, model)
+            return stages[name]

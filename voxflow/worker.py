@@ -1,0 +1,193 @@
+"""`Worker`: pull a task, keep its lease alive, run the stage's operation, ack.
+
+The main thread only controls: it pulls, extends leases, watches for a stop, and acks or
+nacks. Computing happens on one thread and reading the next task's input (prefetch, at most
+one task ahead) on another, so a stop (SIGTERM on a Spot VM) is acted on within a fraction
+of a second even in the middle of a long forward pass: the held leases are released at once
+and the process may exit; the half-done task is simply redone elsewhere (tasks are idempotent).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, TextIO
+
+from .messages import MalformedMessage, TaskMessage, decode
+from .queues import Lease, TaskQueue
+
+StageFactory = Callable[[str, str], object]   # (run, stage) -> Stage
+
+
+class JsonLog:
+    """One JSON object per line: time, worker, event and the task's run, stage and index."""
+
+    def __init__(self, worker: str, stream: TextIO = sys.stderr):
+        self.worker = worker
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, level: str = "info", **fields) -> None:
+        record = {"ts": round(time.time(), 3), "level": level, "worker": self.worker,
+                  "event": event, **fields}
+        with self._lock:
+            self.stream.write(json.dumps(record, default=str) + "\n")
+            self.stream.flush()
+
+
+@dataclass
+class _Job:
+    lease: Lease
+    message: TaskMessage
+    stage: object
+    loaded: Future
+
+
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return text[:2000]
+
+
+class Worker:
+    """Serves the queue's tasks of the given kinds (all kinds if None)."""
+
+    def __init__(self, queue: TaskQueue, stage_factory: StageFactory,
+                 kinds: Optional[Iterable[str]] = None, worker_id: Optional[str] = None,
+                 lease_seconds: Optional[float] = None, prefetch: bool = True,
+                 log: Optional[JsonLog] = None, idle_backoff: tuple[float, float] = (0.05, 2.0)):
+        self.queue = queue
+        self.stage_factory = stage_factory
+        self.kinds = list(kinds) if kinds else None
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.lease_seconds = lease_seconds or getattr(queue, "lease_seconds", 60.0)
+        self.prefetch = prefetch
+        self.log = log or JsonLog(self.id)
+        self.idle_backoff = idle_backoff
+        self.stop = threading.Event()
+        self.done = 0
+        self._held: dict[tuple, Lease] = {}
+        self._held_lock = threading.Lock()
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="voxflow-compute")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="voxflow-io")
+
+    # -- leases ---------------------------------------------------------------------------
+    def _hold(self, lease: Lease) -> None:
+        with self._held_lock:
+            self._held[(lease.run, lease.stage, lease.index)] = lease
+
+    def _drop(self, lease: Lease) -> None:
+        with self._held_lock:
+            self._held.pop((lease.run, lease.stage, lease.index), None)
+
+    def release_all(self) -> int:
+        """Give every held lease back now (preemption): another worker takes them at once."""
+        with self._held_lock:
+            leases, self._held = list(self._held.values()), {}
+        for lease in leases:
+            self.queue.release(lease)
+            self.log("released", run=lease.run, stage=lease.stage, index=lease.index)
+        return len(leases)
+
+    def _extend_all(self) -> None:
+        with self._held_lock:
+            leases = list(self._held.values())
+        for lease in leases:
+            if not self.queue.extend(lease, self.lease_seconds):
+                self.log("lease_lost", "warning", run=lease.run, stage=lease.stage,
+                         index=lease.index)
+
+    # -- taking a task ---------------------------------------------------------------------
+    def _take(self) -> Optional[_Job]:
+        """Pull one task, validate it, and start loading its input; None if nothing is ready."""
+        while not self.stop.is_set():
+            leases = self.queue.pull(self.kinds, 1, self.id, self.lease_seconds)
+            if not leases:
+                return None
+            lease = leases[0]
+            try:
+                message = decode(lease.body)
+                if (message.run, message.stage, message.index) != \
+                        (lease.run, lease.stage, lease.index):
+                    raise MalformedMessage("message body does not match its queue key")
+                stage = self.stage_factory(message.run, message.stage)
+                if stage.box(message.index) != message.bbox:
+                    raise MalformedMessage(f"box {message.bbox} is not task {message.index}'s "
+                                           f"box {stage.box(message.index)} in the run's plan")
+            except (MalformedMessage, KeyError, IndexError) as exc:
+                self.queue.dead_letter(lease, _short_error(exc))
+                self.log("dead_letter", "error", run=lease.run, stage=lease.stage,
+                         index=lease.index, error=_short_error(exc))
+                continue
+            except Exception as exc:             # the run's plan could not be built
+                self.queue.nack(lease, _short_error(exc))
+                self.log("task_failed", "error", run=lease.run, stage=lease.stage,
+                         index=lease.index, attempt=lease.attempt, error=_short_error(exc))
+                continue
+            self._hold(lease)
+            return _Job(lease, message, stage, self._io.submit(stage.load, message.index))
+        return None
+
+    def _process(self, job: _Job) -> float:
+        t0 = time.perf_counter()
+        job.stage.process(job.message.index, job.loaded.result())
+        return time.perf_counter() - t0
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, exit_when_idle: Optional[float] = None) -> int:
+        """Work until `stop` is set, or until idle for `exit_when_idle` seconds."""
+        self.log("worker_started", kinds=self.kinds)
+        nxt: Optional[_Job] = None
+        idle_since: Optional[float] = None
+        backoff = self.idle_backoff[0]
+        extend_every = self.lease_seconds / 3
+        last_extend = time.monotonic()
+        while not self.stop.is_set():
+            job, nxt = nxt or self._take(), None
+            if job is None:
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if exit_when_idle is not None and now - idle_since >= exit_when_idle:
+                    break
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, self.idle_backoff[1])
+                continue
+            idle_since, backoff = None, self.idle_backoff[0]
+            future = self._compute.submit(self._process, job)
+            if self.prefetch:
+                nxt = self._take()
+            while not self.stop.is_set():
+                if wait([future], timeout=0.05).done:
+                    break
+                if time.monotonic() - last_extend >= extend_every:
+                    self._extend_all()
+                    last_extend = time.monotonic()
+            if self.stop.is_set():
+                break
+            lease = job.lease
+            fields = dict(run=lease.run, stage=lease.stage, index=lease.index,
+                          attempt=lease.attempt)
+            try:
+                seconds = future.result()
+            except Exception as exc:
+                self.queue.nack(lease, _short_error(exc))
+                self._drop(lease)
+                self.log("task_failed", "error", error=_short_error(exc),
+                         trace=traceback.format_exc(limit=-3), **fields)
+                continue
+            self.queue.ack(lease)                 # only now: the task's writes are complete
+            self._drop(lease)
+            self.done += 1
+            self.log("task_done", seconds=round(seconds, 3), **fields)
+        released = self.release_all() if self.stop.is_set() else 0
+        self.log("worker_stopped", done=self.done, released=released)
+        return self.done
+
+    def shutdown(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
