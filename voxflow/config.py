@@ -160,7 +160,8 @@ class QueueConfig(_Section):
     """The task queue every stage's messages go through."""
 
     url: str = Field(default_factory=lambda: f"sqlite://{voxflow_home() / 'queue.db'}",
-                     description="sqlite:///path/queue.db (embedded default: "
+                     description="sqlite:///abs/path/queue.db, or sqlite://rel/queue.db "
+                     "relative to the config's folder (embedded default: "
                      "$VOXFLOW_HOME/queue.db, shared by runs).")
     lease_seconds: float = Field(60.0, gt=0, description="Visibility timeout of a pulled "
                                  "task; workers extend it while they work.")
@@ -175,10 +176,8 @@ class QueueConfig(_Section):
     @field_validator("url")
     @classmethod
     def _queue_url(cls, value: str, info: ValidationInfo) -> str:
-        if value.startswith("sqlite:///"):
-            return "sqlite://" + _resolve_path(value[len("sqlite:///"):] if not
-                                               value.startswith("sqlite:////") else
-                                               value[len("sqlite://"):], info)
+        if value.startswith("sqlite://") and len(value) > len("sqlite://"):
+            return "sqlite://" + _resolve_path(value[len("sqlite://"):], info)
         raise ValueError(f"{value!r} is not a known queue URL (sqlite:///path/queue.db)")
 
 

@@ -2,8 +2,9 @@
 
 A message names a run, a stage and a task index, and carries the task's box for humans and
 for a consistency check (the worker recomputes the box from the run's plan and refuses a
-mismatch). Anything that does not parse into `TaskMessage` is malformed and goes to dead
-letters; it never crashes a worker.
+mismatch). Anything that does not parse into `TaskMessage` is malformed: the worker fails it
+like any task (a newer worker may read a newer version), so after max_attempts it is in dead
+letters with the parse error; it never crashes a worker.
 """
 from __future__ import annotations
 

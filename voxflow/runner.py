@@ -18,8 +18,8 @@ from typing import Optional, Protocol
 from .config import RunConfig, voxflow_home
 from .groups import Autoscaler, open_group
 from .messages import encode
-from .pipeline import create_layers, plan
-from .queues import DeadLetter, open_queue
+from .pipeline import Plan, create_layers, plan
+from .queues import DeadLetter, TaskQueue, open_queue
 from .stages import StageCache, stage_grid, stage_kind, stage_names
 from .worker import JsonLog, Worker
 
@@ -90,14 +90,21 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
     return summary
 
 
-def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageSummary:
-    t0 = time.perf_counter()
+def publish_stage(queue: TaskQueue, run_id: str, p: Plan, name: str) -> int:
+    """Publish every task of a stage (streamed from its lazy grid); returns how many were
+    already done (a resumed run skips them)."""
     grid, kind = stage_grid(p, name), stage_kind(name)
-    done_before = queue.stats(run_id).get(name)
+    before = queue.stats(run_id).get(name)
     queue.publish(run_id, name, kind,
                   ((i, encode(run_id, name, i, grid.box(i))) for i in range(len(grid))))
+    return before.done if before else 0
+
+
+def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageSummary:
+    t0 = time.perf_counter()
+    kind = stage_kind(name)
+    skipped = publish_stage(queue, run_id, p, name)
     stats = queue.stats(run_id)[name]
-    skipped = done_before.done if done_before else 0
     if reporter:
         reporter.start(name, stats.total, skipped)
     workers = getattr(config.workers, kind)

@@ -119,12 +119,10 @@ class Worker:
                 if stage.box(message.index) != message.bbox:
                     raise MalformedMessage(f"box {message.bbox} is not task {message.index}'s "
                                            f"box {stage.box(message.index)} in the run's plan")
-            except (MalformedMessage, KeyError, IndexError) as exc:
-                self.queue.dead_letter(lease, _short_error(exc))
-                self.log("dead_letter", "error", run=lease.run, stage=lease.stage,
-                         index=lease.index, error=_short_error(exc))
-                continue
-            except Exception as exc:             # the run's plan could not be built
+            except Exception as exc:
+                # Malformed, unknown run or stage, or a plan that cannot be built: retried
+                # like any failure (a newer worker may understand a newer message), then
+                # dead-lettered with this error.
                 self.queue.nack(lease, _short_error(exc))
                 self.log("task_failed", "error", run=lease.run, stage=lease.stage,
                          index=lease.index, attempt=lease.attempt, error=_short_error(exc))

@@ -34,8 +34,11 @@ class LocalGroup:
         self._ids = itertools.count()
         self._stopping: dict[str, float] = {}
 
-    def _threads(self, n: int) -> int:
-        return max(1, (os.cpu_count() or 1) // max(n, 1))
+    def _threads(self) -> int:
+        """Cores split by the group's capacity, not its current size: every worker of a
+        group computes with the same thread count, so results are bit-identical whichever
+        worker runs a task (float reductions differ across thread counts)."""
+        return max(1, (os.cpu_count() or 1) // max(self.capacity or 1, 1))
 
     def _spawn(self, threads: int) -> None:
         wid = f"{self.kind}-{os.getpid()}-{next(self._ids)}"
@@ -76,7 +79,7 @@ class LocalGroup:
             target = min(target, self.capacity)
         alive = self.size()
         if target > alive:
-            threads = self._threads(target)
+            threads = self._threads()
             for _ in range(target - alive):
                 self._spawn(threads)
         elif target < alive:

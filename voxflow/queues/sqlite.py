@@ -44,7 +44,7 @@ class SQLiteQueue:
     def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3):
         self.url = url
         if not url.startswith("sqlite:///"):
-            raise ValueError(f"expected sqlite:///path/queue.db, got {url!r}")
+            raise ValueError(f"expected sqlite:///absolute/path/queue.db, got {url!r}")
         self.path = Path(url[len("sqlite://"):])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lease_seconds = lease_seconds
@@ -211,7 +211,7 @@ class SQLiteQueue:
             attempts = row[0]
             if how == "release":
                 state, attempts = PENDING, attempts - 1
-            elif how == "dead" or attempts >= self._attempt_limit(db, lease.run):
+            elif attempts >= self._attempt_limit(db, lease.run):
                 state = DEAD
             else:
                 state = PENDING
@@ -227,10 +227,6 @@ class SQLiteQueue:
     def release(self, lease: Lease) -> None:
         """Give the task back at once (preemption); not counted as an attempt."""
         self._settle(lease, None, "release")
-
-    def dead_letter(self, lease: Lease, error: str) -> None:
-        """Dead-letter now, whatever the attempt count (a malformed message)."""
-        self._settle(lease, error, "dead")
 
     # -- inspection ----------------------------------------------------------------------
     def stats(self, run: str) -> dict[str, StageStats]:

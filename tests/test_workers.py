@@ -1,0 +1,157 @@
+"""Worker processes, preemption, poison tasks and worker groups, with real processes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from voxflow.cli import main
+from voxflow.config import load_config
+from voxflow.groups import Autoscaler
+from voxflow.groups.local import LocalGroup
+from voxflow.pipeline import create_layers, plan
+from voxflow.queues import open_queue
+from voxflow.runner import publish_stage
+
+from conftest import make_layer, write_config
+
+SLOW_MODEL = '''
+import time
+import torch
+
+class Slow(torch.nn.Module):
+    """Pointwise, and slow: 0.5 s per batch."""
+    def forward(self, x):
+        time.sleep(0.5)
+        return torch.sigmoid(4 * x - 2)
+'''
+
+POISON_MODEL = '''
+import torch
+
+class Poison(torch.nn.Module):
+    """Pointwise; refuses any patch holding a saturated voxel, every time."""
+    def forward(self, x):
+        if bool((x >= 1.0).any()):
+            raise ValueError("poison voxel in this patch")
+        return torch.sigmoid(4 * x - 2)
+'''
+
+
+def _until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _worker(queue_url, wid, *extra):
+    return subprocess.Popen([sys.executable, "-m", "voxflow", "worker", queue_url, "--kind",
+                             "inference", "--worker-id", wid, "--lease-seconds", "60", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_releases_lease_at_once_and_exits(tmp_path):
+    img = (np.random.default_rng(0).random((1, 8, 32, 32)) * 200).astype(np.uint8)
+    make_layer(tmp_path / "img", img, chunk=(16, 16, 4))
+    (tmp_path / "slow.py").write_text(SLOW_MODEL)
+    queue_url = f"sqlite://{tmp_path}/q.db"
+    cfg_path = write_config(tmp_path / "run.yaml", input="img", output="out",
+                            model={"path": "slow.py", "input_patch": [16, 16, 4],
+                                   "output_channels": 1},
+                            inference={"chunk": [32, 32, 8], "batch_size": 1},
+                            storage_chunk=[16, 16, 4], downsample={"mips": 0},
+                            queue={"url": queue_url, "lease_seconds": 60})
+    cfg = load_config(cfg_path)
+    p = plan(cfg)
+    create_layers(p)
+    q = open_queue(queue_url)
+    q.register_run("slow", cfg.model_dump_json())
+    publish_stage(q, "slow", p, "inference")          # one task: ~16 patches, 8 s of work
+
+    a = _worker(queue_url, "A")
+    _until(lambda: q.busy_workers("inference") == {"A"}, 60, "A to lease the task")
+    time.sleep(1.0)                                   # A is mid-task
+    t0 = time.monotonic()
+    a.send_signal(signal.SIGTERM)
+    a.wait(timeout=10)
+    exit_seconds = time.monotonic() - t0
+    assert exit_seconds < 5, exit_seconds
+    assert a.returncode == 0
+    s = q.stats("slow")["inference"]
+    assert (s.pending, s.leased) == (1, 0)            # released at once, not expired
+    log = a.stdout.read()
+    assert '"event": "released"' in log and '"index": 0' in log
+
+    t1 = time.monotonic()
+    b = _worker(queue_url, "B")
+    try:
+        _until(lambda: q.busy_workers("inference") == {"B"}, 30, "B to take the task")
+        assert time.monotonic() - t1 < 30             # long before A's 60 s lease expiry
+        _until(lambda: q.stats("slow")["inference"].done == 1, 60, "B to finish")
+    finally:
+        b.send_signal(signal.SIGTERM)
+        b.wait(timeout=10)
+    assert q.dead_letters("slow") == []
+
+
+def test_poison_and_malformed_tasks_end_dead_and_run_fails(tmp_path, capsys):
+    img = (np.random.default_rng(1).random((1, 16, 64, 96)) * 200).astype(np.uint8)
+    img[0, 12, 48, 80] = 255                          # centre of chunk (2, 1, 1): index 11
+    make_layer(tmp_path / "img", img, chunk=(16, 16, 4))
+    (tmp_path / "poison.py").write_text(POISON_MODEL)
+    queue_url = f"sqlite://{tmp_path}/q.db"
+    cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
+                       model={"path": "poison.py", "input_patch": [16, 16, 4],
+                              "output_channels": 1},
+                       inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1]},
+                       storage_chunk=[16, 16, 4], downsample={"mips": 0},
+                       queue={"url": queue_url, "max_attempts": 2})
+    q = open_queue(queue_url)
+    q.publish("poison", "inference", "inference", [(1_000_000, "{not json")])
+    assert main(["run", str(cfg), "--run-id", "poison", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "2 task(s) of stage inference are dead" in err
+    assert "#11 after 2 attempt(s): ValueError: poison voxel in this patch" in err
+    assert "#1000000 after 2 attempt(s): MalformedMessage" in err
+    s = q.stats("poison")["inference"]
+    assert (s.done, s.dead, s.pending, s.leased) == (3 * 2 * 2 - 1, 2, 0, 0)
+    assert main(["status", "poison", "--queue", queue_url]) == 0
+    assert "dead: inference #11 after 2 attempt(s)" in capsys.readouterr().out
+    assert main(["retry-dead", "poison", "--queue", queue_url]) == 0
+    assert q.stats("poison")["inference"].pending == 2
+
+
+def test_autoscaler_target():
+    scaler = Autoscaler(group=None, minimum=1, maximum=8, tasks_per_worker=4)
+    assert [scaler.desired(b) for b in (0, 1, 4, 5, 31, 32, 33, 10_000)] == \
+        [0, 1, 1, 2, 8, 8, 8, 8]
+    assert Autoscaler(None, 0, 3, 10).desired(25) == 3
+
+
+def test_local_group_replaces_dead_and_stops_only_idle(tmp_path):
+    queue_url = f"sqlite://{tmp_path}/q.db"
+    open_queue(queue_url).close()
+    group = LocalGroup(queue_url, "inference", log_dir=tmp_path / "logs")
+    try:
+        group.resize(3, set())
+        assert group.size() == 3
+        victim_id, victim_pid = next(iter(group.pids().items()))
+        os.kill(victim_pid, signal.SIGKILL)
+        _until(lambda: group.size() == 2, 10, "the dead worker to be reaped")
+        assert group.died == 1
+        group.resize(3, set())                         # the autoscaler's next step
+        assert group.size() == 3 and victim_id not in group.pids()
+        keep = sorted(group.pids())[1]
+        group.resize(1, busy={keep})                   # keep is working: never stopped
+        _until(lambda: list(group.pids()) == [keep], 10, "the idle workers to stop")
+        assert group.died == 1                         # stopped on purpose: not a death
+    finally:
+        group.close()
+    assert group.size() == 0
