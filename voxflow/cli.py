@@ -94,8 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     worker = sub.add_parser("worker", help="serve a queue's tasks until stopped or idle")
     worker.add_argument("queue", help="queue URL, e.g. sqlite:///path/queue.db")
     worker.add_argument("--kind", "--stage", action="append", dest="kinds",
-                        help="serve only these stages' kind (inference, downsample); "
-                        "repeatable; default: all")
+                        help="serve only this kind of stage (inference, downsample; "
+                        "downsample-1 means downsample); repeatable; default: all")
     worker.add_argument("--worker-id")
     worker.add_argument("--lease-seconds", type=float, default=60.0)
     worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS")
@@ -176,7 +176,9 @@ def _worker(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     queue = open_queue(args.queue, lease_seconds=args.lease_seconds)
-    worker = Worker(queue, StageCache(queue.run_params), args.kinds, args.worker_id,
+    from .stages import stage_kind
+    kinds = sorted({stage_kind(k) for k in args.kinds}) if args.kinds else None
+    worker = Worker(queue, StageCache(queue.run_params), kinds, args.worker_id,
                     args.lease_seconds, prefetch=not args.no_prefetch)
     stop = lambda signum, frame: worker.stop.set()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
