@@ -5,7 +5,7 @@ Neuroglancer show it). Arrays are (c, z, y, x); `Box.zyx_slices` is the bridge.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 Vec3 = tuple[int, int, int]
@@ -98,26 +98,24 @@ class ChunkGrid:
             raise ValueError(f"chunk must be positive, got {list(self.chunk)}")
         if self.bbox.is_empty():
             raise ValueError(f"bbox {self.bbox} is empty")
+        # derived once: box(i) is on the publish hot path (10^7 calls for a large run)
+        first = vec3([(s - o) // c for s, o, c in zip(self.bbox.start, self.origin, self.chunk)])
+        counts = vec3([_ceil_div(b - o, c) - f for b, o, c, f in
+                       zip(self.bbox.stop, self.origin, self.chunk, first)])
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "_len", counts[0] * counts[1] * counts[2])
 
-    @property
-    def first(self) -> Vec3:
-        """Index (per axis) of the grid cell holding bbox.start."""
-        return vec3([(s - o) // c for s, o, c in zip(self.bbox.start, self.origin, self.chunk)])
-
-    @property
-    def counts(self) -> Vec3:
-        """Number of chunks along x, y, z."""
-        return vec3([_ceil_div(b - o, c) - f for b, o, c, f in
-                     zip(self.bbox.stop, self.origin, self.chunk, self.first)])
+    first: Vec3 = field(init=False, repr=False, compare=False)    # grid cell of bbox.start
+    counts: Vec3 = field(init=False, repr=False, compare=False)   # chunks along x, y, z
 
     def __len__(self) -> int:
-        nx, ny, nz = self.counts
-        return nx * ny * nz
+        return self._len
 
     def position(self, index: int) -> Vec3:
         """Grid position (ix, iy, iz) of task `index`."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"task index {index} outside [0, {len(self)})")
+        if not 0 <= index < self._len:
+            raise IndexError(f"task index {index} outside [0, {self._len})")
         nx, ny, _ = self.counts
         return (index % nx, (index // nx) % ny, index // (nx * ny))
 

@@ -7,6 +7,7 @@ transactions, so progress never scans the task table.
 """
 from __future__ import annotations
 
+import random
 import secrets
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from . import DeadLetter, Lease, StageStats
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
 NEVER = 1e300
+BUSY_SECONDS = 60.0
 _STATE_COLUMN = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
 
 SCHEMA = """
@@ -51,11 +53,11 @@ class SQLiteQueue:
         self.default_max_attempts = max_attempts
         self._max_attempts: dict[str, int] = {}
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+        self._db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout = 60000")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA journal_mode = WAL")      # waits on `timeout` if busy
         self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA busy_timeout = 0")        # writes retry in _begin
         with self._write() as db:
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 db.execute(stmt)
@@ -67,7 +69,11 @@ class SQLiteQueue:
 
         def __enter__(self):
             self.q._lock.acquire()
-            self.q._db.execute("BEGIN IMMEDIATE")
+            try:
+                self.q._begin()
+            except BaseException:
+                self.q._lock.release()
+                raise
             return self.q._db
 
         def __exit__(self, exc_type, *_):
@@ -75,6 +81,22 @@ class SQLiteQueue:
                 self.q._db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
                 self.q._lock.release()
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, retrying every ~0.2-1 ms while another process writes.
+
+        SQLite's own busy handler sleeps up to 100 ms between tries, which starves some
+        processes and caps throughput; short jittered retries share the lock fairly.
+        """
+        deadline = time.monotonic() + BUSY_SECONDS
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.0002, 0.001))
 
     def _write(self) -> "_Tx":
         return SQLiteQueue._Tx(self)
@@ -150,31 +172,40 @@ class SQLiteQueue:
         with self._write() as db:
             now = time.time()
             for kind in (list(kinds) if kinds else self._kinds(db)):
-                rows = db.execute(
-                    "SELECT run, stage, idx, body, state, attempts FROM tasks "
-                    "WHERE kind = ? AND due < ? ORDER BY due LIMIT ?",
-                    (kind, now, n - len(out) + 64)).fetchall()
-                for run, stage, idx, body, state, attempts in rows:
-                    if len(out) >= n:
+                while len(out) < n:
+                    # Every row read is leased or dead-lettered below, so it leaves the
+                    # range: the next query reads only rows not yet seen.
+                    rows = db.execute("SELECT run, stage, idx, body, state, attempts FROM tasks "
+                                      "WHERE kind = ? AND due < ? ORDER BY due LIMIT ?",
+                                      (kind, now, n - len(out))).fetchall()
+                    if not rows:
                         break
-                    if state == LEASED and attempts >= self._attempt_limit(db, run):
-                        db.execute("UPDATE tasks SET state = ?, due = ?, token = NULL, "
-                                   "error = ? WHERE run = ? AND stage = ? AND idx = ?",
-                                   (DEAD, NEVER, f"lease expired {attempts} times: the worker "
-                                    "was lost each time", run, stage, idx))
-                        self._count(db, run, stage, leased=-1, dead=1)
-                        continue
-                    token = secrets.token_hex(8)
-                    db.execute("UPDATE tasks SET state = ?, due = ?, attempts = ?, token = ?, "
-                               "worker = ? WHERE run = ? AND stage = ? AND idx = ?",
-                               (LEASED, now + lease_seconds, attempts + 1, token, worker, run,
-                                stage, idx))
-                    if state == PENDING:
-                        self._count(db, run, stage, pending=-1, leased=1)
-                    out.append(Lease(run, stage, idx, body, attempts + 1, token))
+                    for run, stage, idx, body, state, attempts in rows:
+                        lease = self._lease_row(db, now, lease_seconds, worker, run, stage, idx,
+                                                body, state, attempts)
+                        if lease:
+                            out.append(lease)
                 if len(out) >= n:
                     break
         return out
+
+    def _lease_row(self, db, now, lease_seconds, worker, run, stage, idx, body, state,
+                   attempts) -> Optional[Lease]:
+        key = (run, stage, idx)
+        if state == LEASED and attempts >= self._attempt_limit(db, run):
+            db.execute("UPDATE tasks SET state = ?, due = ?, token = NULL, error = ? "
+                       "WHERE run = ? AND stage = ? AND idx = ?",
+                       (DEAD, NEVER, f"lease expired {attempts} times: the worker was lost "
+                        "each time", *key))
+            self._count(db, run, stage, leased=-1, dead=1)
+            return None
+        token = secrets.token_hex(8)
+        db.execute("UPDATE tasks SET state = ?, due = ?, attempts = ?, token = ?, worker = ? "
+                   "WHERE run = ? AND stage = ? AND idx = ?",
+                   (LEASED, now + lease_seconds, attempts + 1, token, worker, *key))
+        if state == PENDING:
+            self._count(db, run, stage, pending=-1, leased=1)
+        return Lease(run, stage, idx, body, attempts + 1, token)
 
     def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool:
         """Push the lease's expiry out; False if the lease was lost (expired and retaken)."""
