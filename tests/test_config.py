@@ -58,6 +58,9 @@ BAD = [  # (change, field named in the error)
     ("inference.device", "tpu", "inference.device"),
     ("model.output_patch", [13, 16, 4], "model.output_patch"),            # margin not even
     ("inference.margin", [1, 1, 0], "inference.margin"),                  # < patch margin
+    ("queue", "redis://localhost/0", "queue.url"),
+    ("workers.inference", "k8s://cluster", "workers.inference.group"),
+    ("workers.downsample", {"group": "local://2", "min": 3}, "workers.downsample"),
 ]
 
 
@@ -137,3 +140,17 @@ def test_config_reference_is_current():
     from voxflow.configdoc import config_reference
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == config_reference()
+
+
+def test_queue_and_workers_shorthand_and_paths(tmp_path):
+    base = {"input": "a", "output": "b",
+            "model": {"path": "m.pt", "input_patch": [8, 8, 8], "output_channels": 1}}
+    cfg = parse_config({**base, "queue": "sqlite://queues/q.db",
+                        "workers": {"inference": "local://3"}}, base_dir=tmp_path)
+    assert cfg.queue.url == f"sqlite://{tmp_path}/queues/q.db"      # relative: config folder
+    assert (cfg.workers.inference.group, cfg.workers.inference.max) == ("local://3", 3)
+    assert cfg.workers.downsample.group == "local://2"               # default kept
+    cfg = parse_config({**base, "queue": {"url": "sqlite:///abs/q.db", "max_attempts": 5}})
+    assert (cfg.queue.url, cfg.queue.max_attempts) == ("sqlite:///abs/q.db", 5)
+    cfg = parse_config(base)
+    assert cfg.queue.url == f"sqlite://{tmp_path}/voxflow-home/queue.db"   # $VOXFLOW_HOME

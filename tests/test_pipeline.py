@@ -1,6 +1,7 @@
 """`voxflow run` in crop mode against the model applied to the whole array at once."""
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -67,9 +68,10 @@ def test_rerun_is_idempotent(tmp_path, image_layer, torchscript_model):
                               "output_channels": 2},
                        inference={"chunk": [32, 32, 8]}, storage_chunk=[16, 16, 4],
                        downsample={"mips": 1})
-    assert main(["run", str(cfg), "--quiet"]) == 0
+    assert main(["run", str(cfg), "--quiet", "--run-id", "first"]) == 0
     files = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    assert main(["run", str(cfg), "--quiet"]) == 0
+    time.sleep(1.1)                                   # a timestamp in the bytes would show
+    assert main(["run", str(cfg), "--quiet", "--run-id", "second"]) == 0   # all tasks again
     again = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert files.keys() == again.keys() and all(files[p] == again[p] for p in files)
 
@@ -88,3 +90,23 @@ def test_python_dash_m_entry_point(tmp_path, image_layer, torchscript_model):
     assert counts["inference"] == 3 * 3 * 3          # 90x70x21 voxels in 32x32x8 chunks
     assert report["stages"][0]["voxels"] == 90 * 70 * 21
     assert not (tmp_path / "out").exists()            # plan writes nothing
+
+
+def test_rerun_skips_done_tasks_unless_the_output_is_gone(tmp_path, image_layer,
+                                                          torchscript_model, capsys):
+    import shutil
+    model = torchscript_model(Pointwise().eval())
+    cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
+                       model={"path": model.name, "input_patch": [16, 16, 4],
+                              "output_channels": 2},
+                       inference={"chunk": [32, 32, 8]}, storage_chunk=[16, 16, 4],
+                       downsample={"mips": 1})
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    first = capsys.readouterr().out
+    assert "inference: 27 tasks (0 already done)" in first
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    assert "inference: 27 tasks (27 already done)" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "out")
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    assert "inference: 27 tasks (0 already done)" in capsys.readouterr().out
+    assert Volume(f"file://{tmp_path}/out").read(Volume(f"file://{tmp_path}/out").bounds).any()

@@ -156,6 +156,14 @@ def voxflow_home() -> Path:
     return Path(os.environ.get("VOXFLOW_HOME") or Path.home() / ".voxflow").resolve()
 
 
+def _string_means(key: str):
+    """A section that may be written as one string: `queue: sqlite:///q.db` means
+    `queue: {url: sqlite:///q.db}`."""
+    def shorthand(cls, value: Any) -> Any:
+        return {key: value} if isinstance(value, str) else value
+    return model_validator(mode="before")(classmethod(shorthand))
+
+
 class QueueConfig(_Section):
     """The task queue every stage's messages go through."""
 
@@ -168,10 +176,7 @@ class QueueConfig(_Section):
     max_attempts: PositiveInt = Field(3, description="Deliveries before a task goes to dead "
                                       "letters with its last error.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
+    _shorthand = _string_means("url")
 
     @field_validator("url")
     @classmethod
@@ -193,10 +198,7 @@ class GroupConfig(_Section):
     tasks_per_worker: PositiveInt = Field(4, description="Backlog per worker the autoscaler "
                                           "aims for.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_url(cls, value: Any) -> Any:
-        return {"group": value} if isinstance(value, str) else value
+    _shorthand = _string_means("group")
 
     @field_validator("group")
     @classmethod

@@ -88,17 +88,17 @@ def _check_existing_output(config: RunConfig, bounds: Box, resolution) -> None:
                           f"the existing output's storage chunk {list(out.chunk)}")
 
 
-def create_layers(p: Plan) -> Volume:
-    """Create the output layer (if missing) and its mip scales."""
+def create_layers(p: Plan) -> bool:
+    """Create the output layer (if missing) and its mip scales; True if it was created."""
     cfg = p.config
-    if not Volume.exists(cfg.output):
+    created = not Volume.exists(cfg.output)
+    if created:
         Volume.create(cfg.output, num_channels=cfg.model.output_channels,
                       dtype=cfg.output_dtype, resolution=p.resolution,
                       voxel_offset=p.input_bounds.start, size=p.input_bounds.shape,
                       chunk=cfg.storage_chunk)
-    out = Volume(cfg.output)
     if cfg.downsample.mips:
-        out.ensure_mips(cfg.downsample.factor, cfg.downsample.mips)
-    return out
+        Volume(cfg.output).ensure_mips(cfg.downsample.factor, cfg.downsample.mips)
+    return created
 
 

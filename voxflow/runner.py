@@ -3,8 +3,9 @@
 Each stage's tasks go through the queue; a worker group, sized by the autoscaler, serves
 them; the driver only watches the stage's counters (progress) until nothing is open, then
 scales the group to zero — also when the run fails or is interrupted. Re-running the same
-run skips the tasks already done. A stage with dead tasks stops the run: later stages would
-read incomplete data.
+run skips the tasks already done, as long as the output layer still exists (a run that has to
+create its output forgets the run's old done records). A stage with dead tasks stops the run:
+later stages would read incomplete data.
 """
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
         poll_seconds: float = 0.2) -> RunSummary:
     run_id = run_id or default_run_id(config)
     p = plan(config)
-    create_layers(p)
+    created = create_layers(p)
     queue = open_queue(config.queue.url, lease_seconds=config.queue.lease_seconds,
                        max_attempts=config.queue.max_attempts)
+    if created:
+        queue.forget_run(run_id)          # done records describe an output that is gone
     queue.register_run(run_id, config.model_dump_json(), config.queue.max_attempts)
     if reporter:
         reporter.begin(run_id, queue.url)

@@ -131,6 +131,13 @@ class SQLiteQueue:
             raise KeyError(f"run {run!r} is not registered in {self.url}")
         return row[0]
 
+    def forget_run(self, run: str) -> int:
+        """Delete the run's tasks (done records included); returns how many there were."""
+        with self._write() as db:
+            n = db.execute("DELETE FROM tasks WHERE run = ?", (run,)).rowcount
+            db.execute("DELETE FROM counts WHERE run = ?", (run,))
+        return n
+
     def runs(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT run FROM runs ORDER BY created")]
