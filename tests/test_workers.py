@@ -155,3 +155,56 @@ def test_local_group_replaces_dead_and_stops_only_idle(tmp_path):
     finally:
         group.close()
     assert group.size() == 0
+
+
+class _TimedStage:
+    """A stage whose load (I/O) and process (compute) each take a fixed time."""
+
+    name = kind = "inference"
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.loaded_not_processed = 0
+        self.most_in_memory = 0
+
+    def box(self, index):
+        from voxflow.geometry import Box
+        return Box([index, 0, 0], [index + 1, 1, 1])
+
+    def load(self, index):
+        time.sleep(self.seconds)
+        self.loaded_not_processed += 1
+        self.most_in_memory = max(self.most_in_memory, self.loaded_not_processed)
+        return index
+
+    def process(self, index, loaded):
+        assert loaded == index
+        time.sleep(self.seconds)
+        self.loaded_not_processed -= 1
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_worker_prefetches_one_task_ahead(tmp_path, prefetch):
+    from voxflow.geometry import Box
+    from voxflow.messages import encode
+    from voxflow.worker import JsonLog, Worker
+    q = open_queue(f"sqlite://{tmp_path}/q.db")
+    q.register_run("r", "{}")
+    n = 6
+    q.publish("r", "inference", "inference",
+              ((i, encode("r", "inference", i, Box([i, 0, 0], [i + 1, 1, 1]))) for i in range(n)))
+    stage = _TimedStage(0.2)
+    log = open(tmp_path / "w.log", "w")
+    worker = Worker(q, lambda run, name: stage, ["inference"], "w", prefetch=prefetch,
+                    log=JsonLog("w", log))
+    t0 = time.monotonic()
+    assert worker.run(exit_when_idle=0.0) == n
+    elapsed = time.monotonic() - t0
+    worker.shutdown()
+    assert q.stats("r")["inference"].done == n
+    serial = 2 * 0.2 * n                                   # load then process, one by one
+    if prefetch:
+        assert elapsed < 0.75 * serial, elapsed             # loads overlap computing
+        assert stage.most_in_memory <= 2                    # current + one ahead, no more
+    else:
+        assert elapsed >= serial * 0.95 and stage.most_in_memory == 1
