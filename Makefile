@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-cli airflow test bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,13 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
+	$(PY) -m operators.demo
+
+demo-cli: setup
 	$(VENV)/bin/voxflow demo --dir demo-output
+
+airflow: setup
+	$(PY) -m operators.local
 
 test: setup
 	$(PY) -m pytest -q
@@ -24,4 +30,4 @@ bench: setup
 	$(PY) bench/inference.py
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache .airflow

@@ -4,6 +4,10 @@ Each worker is `python -m voxflow worker QUEUE --kind KIND --worker-id ID`, its 
 appended to a file. A worker that died (killed, crashed) is reaped and, while the target
 asks for it, replaced by a new one. Scale-down sends SIGTERM to idle workers only; close()
 stops all, SIGKILL after a grace period. Torch threads are split between workers.
+
+With a `state_dir`, members are recorded as pid files and started in their own session, so
+the group outlives the process that started it: the next Airflow task (scale down, the
+teardown) opens the same group from the same folder.
 """
 from __future__ import annotations
 
@@ -13,26 +17,44 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
 GRACE_SECONDS = 5.0
 
 
+def _alive(pid: int, wid: str) -> bool:
+    """A live, non-zombie process whose command line names the worker (pids get reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and wid.encode() in cmdline
+
+
 class LocalGroup:
     def __init__(self, queue_url: str, kind: str, log_dir: Optional[Path] = None,
                  lease_seconds: Optional[float] = None, capacity: Optional[int] = None,
-                 exit_when_idle: float = 60.0):
+                 exit_when_idle: float = 60.0, state_dir: Optional[Path] = None):
         self.queue_url = queue_url
         self.kind = kind
         self.log_dir = Path(log_dir) if log_dir else None
         self.lease_seconds = lease_seconds
         self.capacity = capacity
         self.exit_when_idle = exit_when_idle
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.members: dict[str, int] = {}                 # worker id -> pid
+        self._popen: dict[str, subprocess.Popen] = {}
+        self._stopping: dict[str, float] = {}
         self.died = 0
         self._ids = itertools.count()
-        self._stopping: dict[str, float] = {}
+        self._tag = uuid.uuid4().hex[:6]
+        if self.state_dir:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            for f in self.state_dir.glob("*.pid"):
+                self.members[f.stem] = int(f.read_text())
 
     def _threads(self) -> int:
         """Cores split by the group's capacity, not its current size: every worker of a
@@ -41,7 +63,7 @@ class LocalGroup:
         return max(1, (os.cpu_count() or 1) // max(self.capacity or 1, 1))
 
     def _spawn(self, threads: int) -> None:
-        wid = f"{self.kind}-{os.getpid()}-{next(self._ids)}"
+        wid = f"{self.kind}-{self._tag}-{next(self._ids)}"
         cmd = [sys.executable, "-m", "voxflow", "worker", self.queue_url, "--kind", self.kind,
                "--worker-id", wid, "--threads", str(threads),
                "--exit-when-idle", str(self.exit_when_idle)]
@@ -52,27 +74,44 @@ class LocalGroup:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{wid}.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.procs[wid] = subprocess.Popen(cmd, stdout=out, stderr=out, env=env,
-                                           stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, stdin=subprocess.DEVNULL,
+                                start_new_session=self.state_dir is not None)
         if out is not subprocess.DEVNULL:
             out.close()
+        self.members[wid] = proc.pid
+        self._popen[wid] = proc
+        if self.state_dir:
+            (self.state_dir / f"{wid}.pid").write_text(str(proc.pid))
+
+    def _is_alive(self, wid: str) -> bool:
+        proc = self._popen.get(wid)
+        if proc is not None:
+            return proc.poll() is None
+        return _alive(self.members[wid], wid)
+
+    def _forget(self, wid: str) -> None:
+        self.members.pop(wid, None)
+        self._popen.pop(wid, None)
+        if self.state_dir:
+            (self.state_dir / f"{wid}.pid").unlink(missing_ok=True)
 
     def _reap(self) -> None:
-        for wid, proc in list(self.procs.items()):
-            code = proc.poll()
-            if code is None:
+        for wid in list(self.members):
+            if self._is_alive(wid):
                 continue
-            del self.procs[wid]
-            if self._stopping.pop(wid, None) is None and code != 0:
+            proc = self._popen.get(wid)
+            crashed = proc is None or proc.returncode != 0
+            if self._stopping.pop(wid, None) is None and crashed:
                 self.died += 1
+            self._forget(wid)
 
     def size(self) -> int:
         self._reap()
-        return len(self.procs) - len(self._stopping)
+        return len(self.members) - len(self._stopping)
 
     def pids(self) -> dict[str, int]:
         self._reap()
-        return {wid: p.pid for wid, p in self.procs.items() if wid not in self._stopping}
+        return {w: p for w, p in self.members.items() if w not in self._stopping}
 
     def resize(self, target: int, busy: set[str]) -> None:
         if self.capacity is not None:
@@ -83,27 +122,31 @@ class LocalGroup:
             for _ in range(target - alive):
                 self._spawn(threads)
         elif target < alive:
-            idle = [w for w in self.procs if w not in busy and w not in self._stopping]
+            idle = [w for w in self.members if w not in busy and w not in self._stopping]
             for wid in idle[:alive - target]:
                 self._stop(wid)
 
     def _stop(self, wid: str) -> None:
         self._stopping[wid] = time.monotonic()
         try:
-            self.procs[wid].send_signal(signal.SIGTERM)
+            os.kill(self.members[wid], signal.SIGTERM)
         except ProcessLookupError:
             pass
 
     def close(self) -> None:
-        for wid in list(self.procs):
+        """Scale to zero: SIGTERM every worker (leases released), SIGKILL the stragglers."""
+        self._reap()
+        for wid in list(self.members):
             if wid not in self._stopping:
                 self._stop(wid)
         deadline = time.monotonic() + GRACE_SECONDS
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        while any(self._is_alive(w) for w in self.members) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for wid, pid in list(self.members.items()):
+            if self._is_alive(wid):
+                os.kill(pid, signal.SIGKILL)
+            proc = self._popen.get(wid)
+            if proc is not None:
                 proc.wait()
-        self.procs.clear()
+            self._forget(wid)
         self._stopping.clear()

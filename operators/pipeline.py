@@ -1,0 +1,215 @@
+"""The operators of a voxflow pipeline DAG: plan, publish, scale, wait (deferrable), finalize.
+
+Each is a thin shell over the core library. The plan task validates the run's parameters (the
+trigger form's values), reads the input's metadata, creates the output layers and registers
+the run — its effective config — with the queue; every later task rebuilds what it needs
+from that stored config. Nothing here runs at DAG parse time.
+"""
+from __future__ import annotations
+
+import re
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from .params import config_from_params
+
+PLAN_TASK = "plan"
+
+
+def run_id_for(dag_id: str, airflow_run_id: str) -> str:
+    """The queue namespace of one DAG run (readable, safe in paths)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dag_id}.{airflow_run_id}")[:180]
+
+
+def _run(context) -> tuple[str, Any]:
+    from voxflow.config import RunConfig
+    info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
+    if not info:
+        raise AirflowFailException("the plan task left no run (did it fail?)")
+    return info["run"], RunConfig.model_validate_json(info["config"])
+
+
+def _stages_of(config, kind: str) -> list[str]:
+    from voxflow.pipeline import plan
+    from voxflow.stages import stage_kind, stage_names
+    return [s for s in stage_names(plan(config, check_model=False)) if stage_kind(s) == kind]
+
+
+def _group(config, run: str, kind: str):
+    """The run's worker group for `kind`; its members survive between tasks (pid files)."""
+    from voxflow.config import voxflow_home
+    from voxflow.groups import open_group
+    workers = getattr(config.workers, kind)
+    url = workers.group if workers.group != "local://0" else "local://1"
+    return open_group(url, config.queue.url, kind, log_dir=voxflow_home() / "logs" / run,
+                      lease_seconds=config.queue.lease_seconds, capacity=workers.max,
+                      state_dir=voxflow_home() / "groups" / run / kind), workers
+
+
+class PlanRunOperator(BaseOperator):
+    """Validate the run's params, plan, create the output layers, register the run."""
+
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, base_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.base_dir = base_dir
+
+    def execute(self, context) -> dict:
+        from voxflow.config import ConfigError, parse_config
+        from voxflow.pipeline import create_layers, plan
+        from voxflow.queues import open_queue
+        from voxflow.stages import stage_names
+        try:
+            config = parse_config(config_from_params(context["params"]),
+                                  base_dir=self.base_dir)
+            p = plan(config)
+        except ConfigError as exc:
+            raise AirflowFailException(f"refused, nothing published: {exc}") from None
+        run = run_id_for(context["dag"].dag_id, context["run_id"])
+        created = create_layers(p)
+        queue = open_queue(config.queue.url, max_attempts=config.queue.max_attempts)
+        try:
+            if created:
+                queue.forget_run(run)
+            queue.register_run(run, config.model_dump_json(), config.queue.max_attempts)
+        finally:
+            queue.close()
+        self.log.info("run %s: %s voxels, stages %s, output %s", run, p.bbox.size,
+                      stage_names(p), config.output)
+        return {"run": run, "config": config.model_dump_json(), "stages": stage_names(p),
+                "voxels": p.bbox.size, "started": time.time()}
+
+
+class PublishStageOperator(BaseOperator):
+    """Publish the first stage of a kind (later passes are published by the wait task)."""
+
+    def __init__(self, *, kind: str, **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+
+    def execute(self, context) -> dict:
+        from voxflow.pipeline import plan
+        from voxflow.queues import open_queue
+        from voxflow.runner import publish_stage
+        run, config = _run(context)
+        stages = _stages_of(config, self.kind)
+        if not stages:
+            raise AirflowSkipException(f"this run has no {self.kind} stage")
+        queue = open_queue(config.queue.url)
+        try:
+            skipped = publish_stage(queue, run, plan(config, check_model=False), stages[0])
+            total = queue.stats(run)[stages[0]].total
+        finally:
+            queue.close()
+        self.log.info("published %s: %d tasks, %d already done", stages[0], total, skipped)
+        return {"stage": stages[0], "tasks": total, "skipped": skipped}
+
+
+class ScaleWorkersOperator(BaseOperator):
+    """Size the run's worker group: `auto` (the autoscaler's target) or a number (0 = stop)."""
+
+    def __init__(self, *, kind: str, size: str | int = "auto", **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+        self.size = size
+
+    def execute(self, context) -> int:
+        run, config = _run(context)
+        return scale(config, run, self.kind, self.size)
+
+
+def scale(config, run: str, kind: str, size: str | int) -> int:
+    from voxflow.groups import Autoscaler
+    from voxflow.queues import open_queue
+    from voxflow.stages import stage_kind
+    group, workers = _group(config, run, kind)
+    if size == 0:
+        group.close()
+        return 0
+    queue = open_queue(config.queue.url)
+    try:
+        backlog = sum(s.open for name, s in queue.stats(run).items() if stage_kind(name) == kind)
+        busy = queue.busy_workers(kind)
+    finally:
+        queue.close()
+    scaler = Autoscaler(group, workers.min, workers.max, workers.tasks_per_worker)
+    if size == "auto":
+        return scaler.step(backlog, busy)
+    group.resize(int(size), busy)
+    return int(size)
+
+
+class WaitForStageOperator(BaseOperator):
+    """Wait, deferred, until every stage of a kind is done; fail naming dead tasks.
+
+    On each trigger event: a drained stage with dead tasks fails the task; a drained stage
+    followed by another pass of the same kind (downsample-1, ...) publishes it and waits on;
+    a tick re-sizes the group (dead workers replaced) and waits on.
+    """
+
+    def __init__(self, *, kind: str, poll_seconds: float = 2.0, tick_seconds: float = 30.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+        self.poll_seconds = poll_seconds
+        self.tick_seconds = tick_seconds
+
+    def execute(self, context, event: Optional[dict] = None) -> dict:
+        from voxflow.pipeline import plan
+        from voxflow.queues import open_queue
+        from voxflow.runner import RunFailed, publish_stage
+        from .triggers import StageTrigger
+        run, config = _run(context)
+        queue = open_queue(config.queue.url)
+        try:
+            stats = queue.stats(run)
+            for name in _stages_of(config, self.kind):
+                if name not in stats:
+                    publish_stage(queue, run, plan(config, check_model=False), name)
+                    stats = queue.stats(run)
+                s = stats[name]
+                if s.open:
+                    break
+                if s.dead:
+                    raise AirflowFailException(str(RunFailed(run, name, queue.dead_letters(run),
+                                                             s.dead)))
+            else:
+                return {n: vars(s) for n, s in stats.items()}
+        finally:
+            queue.close()
+        scale(config, run, self.kind, "auto")
+        self.defer(trigger=StageTrigger(config.queue.url, run, name, self.poll_seconds,
+                                        self.tick_seconds),
+                   method_name="execute", timeout=timedelta(days=7))
+
+
+class FinalizeOperator(BaseOperator):
+    """The run's summary: voxels, tasks per stage, duration, where to look."""
+
+    def execute(self, context) -> dict:
+        from voxflow.queues import open_queue
+        from voxflow.view import neuroglancer_link
+        info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
+        run, config = _run(context)
+        queue = open_queue(config.queue.url)
+        try:
+            stages = {n: vars(s) for n, s in queue.stats(run).items()}
+        finally:
+            queue.close()
+        seconds = time.time() - info["started"]
+        local = config.output.startswith("file://")
+        summary = {
+            "run": run, "output": config.output, "voxels": info["voxels"],
+            "seconds": round(seconds, 1), "voxels_per_second": round(info["voxels"] / seconds),
+            "stages": stages,
+            "neuroglancer": (f"voxflow view {config.input} {config.output}" if local else
+                             neuroglancer_link({"image": config.input, "output": config.output})),
+        }
+        self.log.info("summary: %s", summary)
+        return summary
