@@ -192,6 +192,11 @@ class WaitForStageOperator(BaseOperator):
 class FinalizeOperator(BaseOperator):
     """The run's summary: voxels, tasks per stage, duration, where to look."""
 
+    @property
+    def operator_extra_links(self):
+        from .links import NeuroglancerLink
+        return (NeuroglancerLink(),)
+
     def execute(self, context) -> dict:
         from voxflow.queues import open_queue
         from voxflow.view import neuroglancer_link
