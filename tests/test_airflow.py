@@ -186,6 +186,10 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
     summary = airflow.api("GET", f"/dags/e2e/dagRuns/{a}/taskInstances/finalize/xcomEntries/"
                           "return_value", token=airflow.tok)["value"]
     assert summary["voxels"] == 128 * 128 * 16 and summary["output"].endswith("out-a")
+    assert summary["neuroglancer"].startswith("voxflow view ")     # a local output
+    links = airflow.api("GET", f"/dags/e2e/dagRuns/{a}/taskInstances/finalize/links",
+                        token=airflow.tok)
+    assert links["extra_links"] == {"Neuroglancer": "/voxflow/"}
 
 
 def test_bad_parameter_fails_at_plan_naming_the_field(airflow):
@@ -247,3 +251,26 @@ def test_schedule_and_asset_triggers(tmp_path):
     assert "file:///models/net.pt2" in repr(both.timetable.asset_condition)
     assert both.timetable.timetable.description == "At 00:00"
     assert dag_for("caught_up", schedule="@daily", catchup=True).catchup
+
+
+def test_plugin_runs_page_needs_login_and_shows_progress(airflow):
+    import urllib.error
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{airflow.url}/voxflow/runs", timeout=30)
+    assert err.value.code in (401, 403)
+    runs = [r for r in _plugin_get(airflow, "/voxflow/runs?queue="
+                                   f"sqlite://{airflow.data}/queue.db") if "inference" in r["stages"]]
+    assert runs and all(r["stages"]["inference"]["total"] > 0 for r in runs)
+    page = _plugin_get(airflow, f"/voxflow/?queue=sqlite://{airflow.data}/queue.db", raw=True)
+    assert "voxflow runs" in page and runs[0]["run"] in page
+    plugins = airflow.api("GET", "/plugins", token=airflow.tok)["plugins"]
+    mine = [p for p in plugins if p["name"] == "voxflow"]
+    assert mine and mine[0]["fastapi_apps"] and mine[0]["external_views"]
+
+
+def _plugin_get(af, path, raw=False):
+    req = urllib.request.Request(f"{af.url}{path}",
+                                 headers={"Authorization": f"Bearer {af.tok}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read().decode()
+    return body if raw else json.loads(body)
