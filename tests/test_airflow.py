@@ -109,7 +109,7 @@ def airflow(tmp_path_factory):
     vol.write(vol.bounds, img)
     (data / "model.py").write_text(MODEL.format(delay=0))
     (data / "slow.py").write_text(MODEL.format(delay=2.0))
-    (data / "medium.py").write_text(MODEL.format(delay=0.3))
+    (data / "medium.py").write_text(MODEL.format(delay=1.0))
     dags = root / "dags"
     (dags / "pipelines").mkdir(parents=True)
     shutil.copy(REPO / "dags" / "voxflow_pipelines.py", dags)

@@ -113,6 +113,7 @@ def test_poison_and_malformed_tasks_end_dead_and_run_fails(tmp_path, capsys):
                        inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1]},
                        storage_chunk=[16, 16, 4], downsample={"mips": 0},
                        queue={"url": queue_url, "max_attempts": 2})
+    create_layers(plan(load_config(cfg)))    # output exists: the run keeps this queue's rows
     q = open_queue(queue_url)
     q.publish("poison", "inference", "inference", [(1_000_000, "{not json")])
     assert main(["run", str(cfg), "--run-id", "poison", "--quiet"]) == 1
