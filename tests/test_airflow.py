@@ -122,13 +122,15 @@ def airflow(tmp_path_factory):
         del os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
     af.data = data
     af.voxflow_home = root / "voxflow-home"
-    af.tok = af.token()
-    deadline = time.monotonic() + 120
-    while not af.api("GET", "/dags?dag_id_pattern=e2e", token=af.tok)["dags"]:
-        assert time.monotonic() < deadline, "the e2e DAG never appeared"
-        time.sleep(1)
-    yield af
-    af.stop()
+    try:
+        af.tok = af.token()
+        deadline = time.monotonic() + 120
+        while not af.api("GET", "/dags?dag_id_pattern=e2e", token=af.tok)["dags"]:
+            assert time.monotonic() < deadline, "the e2e DAG never appeared"
+            time.sleep(1)
+        yield af
+    finally:
+        af.stop()
 
 
 def _trigger(af, conf):
