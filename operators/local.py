@@ -106,8 +106,12 @@ class LocalAirflow:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            try:        # whatever is left in the component's group (the API's worker, ...)
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 def start(home: Path, port: Optional[int] = None, voxflow_home: Optional[Path] = None,
