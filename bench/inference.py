@@ -85,6 +85,7 @@ def main() -> None:
                   "input_patch": list(args.patch), "output_channels": 1,
                   "precision": args.precision},
         "inference": {"chunk": list(args.chunk), "patch_overlap": list(args.overlap),
+                      "blend": "crop",
                       "batch_size": args.batch, "device": args.device},
         "storage_chunk": storage_chunk_for(args.chunk), "output_dtype": args.output_dtype,
         "downsample": {"mips": 0}})

@@ -7,7 +7,7 @@ queue calls at parse time.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,11 @@ from .pipeline import (FinalizeOperator, PlanRunOperator, PublishStageOperator,
 
 PIPELINE_KEYS = ("schedule", "assets", "catchup", "description", "tags")
 START = datetime(2026, 1, 1)
+# Every voxflow task is idempotent, so a retry is always safe; it also rides out an
+# executor hiccup (a deferred task resumed while its previous process's exit is still being
+# reported has been seen to be failed by Airflow on a loaded 2-core machine). Refused
+# parameters fail at once (AirflowFailException) without retrying.
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=5)}
 
 
 def _schedule(pipeline: dict) -> Any:
@@ -37,8 +42,11 @@ def _schedule(pipeline: dict) -> Any:
 
 
 def stage_kinds(config: RunConfig) -> list[str]:
-    """The worker kinds a run goes through, in order."""
+    """The worker kinds a run of this pipeline may go through, in order (decided without I/O;
+    a kind a run turns out not to need — no chunk boundary to blend — is a quick no-op)."""
     kinds = ["inference"]
+    if config.inference.blend == "overlap":
+        kinds.append("blend")
     if config.downsample.mips:
         kinds.append("downsample")
     return kinds
@@ -52,7 +60,8 @@ def build_dag(path: Path) -> DAG:
     with DAG(Path(path).stem, schedule=_schedule(pipeline), start_date=START,
              catchup=bool(pipeline.get("catchup", False)), params=config_params(config),
              description=description, tags=["voxflow", *pipeline.get("tags", [])],
-             max_active_runs=4, doc_md=f"Pipeline `{Path(path).name}`. {description}") as dag:
+             max_active_runs=4, doc_md=f"Pipeline `{Path(path).name}`. {description}",
+             default_args=DEFAULT_ARGS) as dag:
         plan = PlanRunOperator(task_id="plan", base_dir=str(Path(path).parent.resolve()))
         previous = plan
         for kind in stage_kinds(config):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 
 from .params import config_from_params
 
@@ -87,7 +87,8 @@ class PlanRunOperator(BaseOperator):
 
 
 class PublishStageOperator(BaseOperator):
-    """Publish the first stage of a kind (later passes are published by the wait task)."""
+    """Publish the first stage of a kind (later passes are published by the wait task).
+    A run without a stage of this kind (nothing to blend, no mips) publishes nothing."""
 
     def __init__(self, *, kind: str, **kwargs):
         super().__init__(**kwargs)
@@ -100,7 +101,8 @@ class PublishStageOperator(BaseOperator):
         run, config = _run(context)
         stages = _stages_of(config, self.kind)
         if not stages:
-            raise AirflowSkipException(f"this run has no {self.kind} stage")
+            self.log.info("this run has no %s stage", self.kind)
+            return {"stage": None, "tasks": 0, "skipped": 0}
         queue = open_queue(config.queue.url)
         try:
             skipped = publish_stage(queue, run, plan(config, check_model=False), stages[0])
@@ -190,7 +192,8 @@ class WaitForStageOperator(BaseOperator):
 
 
 class FinalizeOperator(BaseOperator):
-    """The run's summary: voxels, tasks per stage, duration, where to look."""
+    """The run's summary: voxels, tasks per stage, duration, where to look. Deletes an
+    overlap-mode run's temporary partial sums (unless `inference.keep_temporary`)."""
 
     @property
     def operator_extra_links(self):
@@ -199,9 +202,12 @@ class FinalizeOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         from voxflow.queues import open_queue
+        from voxflow.runner import delete_temporary
         from voxflow.view import neuroglancer_link
         info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
         run, config = _run(context)
+        if config.inference.blend == "overlap" and not config.inference.keep_temporary:
+            delete_temporary(config, run)
         queue = open_queue(config.queue.url)
         try:
             stages = {n: vars(s) for n, s in queue.stats(run).items()}

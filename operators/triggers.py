@@ -40,6 +40,8 @@ class StageTrigger(BaseTrigger):
         started = time.monotonic()
         try:
             while True:
+                # the operator checked just before deferring: look again only after a poll
+                await asyncio.sleep(self.poll_seconds)
                 counts = await asyncio.to_thread(self._counts, queue)
                 if counts["pending"] + counts["leased"] == 0:
                     yield TriggerEvent({"status": "drained", "stage": self.stage, **counts})
@@ -47,6 +49,5 @@ class StageTrigger(BaseTrigger):
                 if time.monotonic() - started >= self.tick_seconds:
                     yield TriggerEvent({"status": "tick", "stage": self.stage, **counts})
                     return
-                await asyncio.sleep(self.poll_seconds)
         finally:
             queue.close()

@@ -83,7 +83,7 @@ def voxflow_home(tmp_path, monkeypatch):
     return home
 
 
-INLINE = {"inference": "local://0", "downsample": "local://0"}
+INLINE = {"inference": "local://0", "blend": "local://0", "downsample": "local://0"}
 
 
 def write_config(path: Path, **config) -> Path:

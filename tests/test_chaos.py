@@ -41,7 +41,7 @@ def _setup(tmp_path, n_chunks_z=8):
     torch.jit.script(Pointwise().eval()).save(str(tmp_path / "m.pt"))
     return dict(input="img", model={"path": "m.pt", "input_patch": [16, 16, 2],
                                     "output_channels": 2},
-                inference={"chunk": [32, 32, 2], "patch_overlap": [4, 4, 0]},
+                inference={"chunk": [32, 32, 2], "patch_overlap": [4, 4, 0], "blend": "crop"},
                 storage_chunk=[32, 32, 2], downsample={"mips": 1})
 
 

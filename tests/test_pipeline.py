@@ -44,7 +44,8 @@ def test_pointwise_crop_mode_equals_whole_array(tmp_path, image_layer, torchscri
                        bbox={"start": list(bbox.start), "stop": list(bbox.stop)},
                        model={"path": model.name, "input_patch": [16, 16, 4],
                               "output_channels": 2},
-                       inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1]},
+                       inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1],
+                                  "blend": "crop"},
                        storage_chunk=[16, 16, 4], output_dtype=output_dtype,
                        downsample={"mips": 0})
     assert main(["run", str(cfg), "--quiet"]) == 0
@@ -81,7 +82,8 @@ def test_python_dash_m_entry_point(tmp_path, image_layer, torchscript_model):
     cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
                        model={"path": model.name, "input_patch": [16, 16, 4],
                               "output_channels": 2},
-                       inference={"chunk": [32, 32, 8]}, storage_chunk=[16, 16, 4])
+                       inference={"chunk": [32, 32, 8], "blend": "crop"},
+                       storage_chunk=[16, 16, 4])
     res = subprocess.run([sys.executable, "-m", "voxflow", "plan", str(cfg), "--json"],
                          capture_output=True, text=True, check=True, cwd="/")
     import json
@@ -99,7 +101,8 @@ def test_rerun_skips_done_tasks_unless_the_output_is_gone(tmp_path, image_layer,
     cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
                        model={"path": model.name, "input_patch": [16, 16, 4],
                               "output_channels": 2},
-                       inference={"chunk": [32, 32, 8]}, storage_chunk=[16, 16, 4],
+                       inference={"chunk": [32, 32, 8], "blend": "crop"},
+                       storage_chunk=[16, 16, 4],
                        downsample={"mips": 1})
     assert main(["run", str(cfg), "--quiet"]) == 0
     first = capsys.readouterr().out

@@ -65,7 +65,7 @@ def test_sigterm_releases_lease_at_once_and_exits(tmp_path):
     cfg_path = write_config(tmp_path / "run.yaml", input="img", output="out",
                             model={"path": "slow.py", "input_patch": [16, 16, 4],
                                    "output_channels": 1},
-                            inference={"chunk": [32, 32, 8], "batch_size": 1},
+                            inference={"chunk": [32, 32, 8], "batch_size": 1, "blend": "crop"},
                             storage_chunk=[16, 16, 4], downsample={"mips": 0},
                             queue={"url": queue_url, "lease_seconds": 60})
     cfg = load_config(cfg_path)
@@ -110,7 +110,8 @@ def test_poison_and_malformed_tasks_end_dead_and_run_fails(tmp_path, capsys):
     cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
                        model={"path": "poison.py", "input_patch": [16, 16, 4],
                               "output_channels": 1},
-                       inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1]},
+                       inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1],
+                                  "blend": "crop"},
                        storage_chunk=[16, 16, 4], downsample={"mips": 0},
                        queue={"url": queue_url, "max_attempts": 2})
     create_layers(plan(load_config(cfg)))    # output exists: the run keeps this queue's rows

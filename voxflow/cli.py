@@ -46,14 +46,32 @@ def _human_bytes(n: float) -> str:
 
 
 def _plan_report(p) -> dict:
+    from .blend import OverlapGrid
     cfg = p.config
-    # read boxes differ only at the edges: estimate from a sample (exact for small grids)
-    sample = _sample(len(p.grid))
-    read_voxels = sum(p.grid.read_box(i).size for i in sample) / len(sample) * len(p.grid)
     in_voxel_bytes = p.input_channels * np.dtype(p.input_dtype).itemsize
-    stages = [{"stage": "inference", "tasks": len(p.grid),
-               "voxels": p.bbox.size, "bytes_read": int(read_voxels * in_voxel_bytes),
-               "bytes_written": p.bbox.size * p.output_voxel_bytes}]
+    out_bytes = p.bbox.size * p.output_voxel_bytes
+    if isinstance(p.grid, OverlapGrid):
+        # overlap mode: per-axis sums make these exact in O(tasks per axis)
+        band = p.grid.band_voxels()
+        temp = p.grid.temporary_voxels() * cfg.model.output_channels * 4     # float32
+        stages = [{"stage": "inference", "tasks": len(p.grid), "patches": p.grid.patch_count(),
+                   "voxels": p.bbox.size,
+                   "bytes_read": p.grid.read_voxels() * in_voxel_bytes,
+                   "bytes_written": (p.bbox.size - band) * p.output_voxel_bytes + temp,
+                   "bytes_temporary": temp}]
+        if len(p.grid.bands):
+            stages.append({"stage": "blend", "tasks": len(p.grid.bands), "voxels": band,
+                           "bytes_read": temp, "bytes_written": band * p.output_voxel_bytes})
+        blend = {"mode": "overlap", "temporary_bytes": temp, "output_bytes": out_bytes,
+                 "temporary_ratio": round(temp / out_bytes, 4)}
+    else:
+        # read boxes differ only at the edges: estimate from a sample (exact for small grids)
+        sample = _sample(len(p.grid))
+        read_voxels = sum(p.grid.read_box(i).size for i in sample) / len(sample) * len(p.grid)
+        stages = [{"stage": "inference", "tasks": len(p.grid),
+                   "voxels": p.bbox.size, "bytes_read": int(read_voxels * in_voxel_bytes),
+                   "bytes_written": out_bytes}]
+        blend = {"mode": "crop"}
     for i, ps in enumerate(p.downsample):
         vox = ps.grid.bbox.size
         written = sum(vox // (cfg.downsample.factor[0] * cfg.downsample.factor[1]
@@ -64,7 +82,7 @@ def _plan_report(p) -> dict:
                        "bytes_written": written * p.output_voxel_bytes})
     return {"input": cfg.input, "output": cfg.output, "mip": cfg.mip,
             "bbox": {"start": list(p.bbox.start), "stop": list(p.bbox.stop)},
-            "chunk_grid": list(p.grid.counts), "stages": stages}
+            "chunk_grid": list(p.grid.counts), "blend": blend, "stages": stages}
 
 
 def _sample(n: int, k: int = 4096) -> range:
@@ -94,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     worker = sub.add_parser("worker", help="serve a queue's tasks until stopped or idle")
     worker.add_argument("queue", help="queue URL, e.g. sqlite:///path/queue.db")
     worker.add_argument("--kind", "--stage", action="append", dest="kinds",
-                        help="serve only this kind of stage (inference, downsample; "
+                        help="serve only this kind of stage (inference, blend, downsample; "
                         "downsample-1 means downsample); repeatable; default: all")
     worker.add_argument("--worker-id")
     worker.add_argument("--lease-seconds", type=float, default=60.0)
@@ -213,6 +231,13 @@ def _print_plan(report: dict) -> None:
     print(f"output  {report['output']}")
     print(f"bbox    {report['bbox']['start']} .. {report['bbox']['stop']}, "
           f"chunk grid {report['chunk_grid']}")
+    blend = report["blend"]
+    if blend["mode"] == "overlap":
+        print(f"blend   overlap: temporary {_human_bytes(blend['temporary_bytes'])}, "
+              f"{100 * blend['temporary_ratio']:.1f}% of the output's "
+              f"{_human_bytes(blend['output_bytes'])}")
+    else:
+        print("blend   crop")
     for s in report["stages"]:
         extra = f"  mips {s['mips'][0]}..{s['mips'][1]}" if "mips" in s else ""
         print(f"{s['stage']:>14}: {s['tasks']:>9} tasks  {s['voxels']:>14} voxels  "

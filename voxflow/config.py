@@ -115,16 +115,29 @@ class ModelConfig(_Section):
 class InferenceConfig(_Section):
     """How the volume is cut into chunks and patches."""
 
-    chunk: Size3 = Field([256, 256, 32], description="Output chunk per task, x y z; a "
-                         "multiple of storage_chunk.")
+    chunk: Size3 = Field([1536, 1536, 192], description="Output chunk per task, x y z; a "
+                         "multiple of storage_chunk. In overlap mode the nominal size: a "
+                         "task is a block of whole lattice patches cut near it. The default "
+                         "keeps overlap mode's temporary bytes under a quarter of the "
+                         "output's for patches up to 256x256x20 (docs/blending.md).")
     margin: Optional[NonNeg3] = Field(None, description="Context read around each chunk in "
                                       "crop mode, x y z. Default: patch_overlap plus the "
                                       "model's patch margin.")
     patch_overlap: Optional[NonNeg3] = Field(None, description="Overlap of neighbouring "
                                              "output patches, x y z. Default: a quarter of "
                                              "the output patch.")
-    blend: Literal["crop", "overlap"] = Field("crop", description="crop: each chunk reads "
-                                              "context and crops it (chunkflow's way).")
+    blend: Literal["crop", "overlap"] = Field(
+        "overlap", description="overlap: one patch lattice over the whole bbox, each patch "
+        "computed once; where chunks meet, partial sums go to temporary storage and the "
+        "blend stage adds them, so the output equals one pass over the whole volume. crop: "
+        "each chunk reads context and crops it (chunkflow's way; no blend stage).")
+    temporary: Optional[str] = Field(None, description="Overlap mode: where partial sums "
+                                     "wait for the blend stage (file://, gs:// or a local "
+                                     "path), one folder per run. Default: the output's "
+                                     "path + '.voxflow-tmp', beside the output layer.")
+    keep_temporary: bool = Field(False, description="Overlap mode: keep the partial sums "
+                                 "after the run succeeds (for debugging); by default they "
+                                 "are deleted.")
     weighting: Literal["bump", "gaussian"] = Field("bump", description="Patch weights used "
                                                    "to blend overlapping patches.")
     batch_size: PositiveInt = Field(4, description="Patches per forward pass.")
@@ -132,6 +145,11 @@ class InferenceConfig(_Section):
                                                    "available.")
     pad: Literal["zeros", "mirror"] = Field("zeros", description="What is read outside the "
                                             "input volume.")
+
+    @field_validator("temporary")
+    @classmethod
+    def _temporary_url(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        return None if value is None else _as_layer_url(value, info)
 
 
 class DownsampleConfig(_Section):
@@ -225,6 +243,8 @@ class WorkersConfig(_Section):
     inference: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://1"),
                                    description="GPU group in the cloud; one process per "
                                    "device here.")
+    blend: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
+                               description="CPU group (overlap mode's blend stage).")
     downsample: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
                                     description="CPU group.")
 
@@ -242,8 +262,10 @@ class RunConfig(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     output_dtype: Literal["float32", "float16", "uint8"] = Field(
         "float32", description="uint8 stores round(255 * p), p clipped to [0, 1].")
-    storage_chunk: Size3 = Field([64, 64, 16], description="Storage chunk of the output "
-                                 "layer, x y z.")
+    storage_chunk: Size3 = Field([64, 64, 8], description="Storage chunk of the output "
+                                 "layer, x y z. Overlap mode blends storage-chunk-wide bands "
+                                 "where chunks meet, so thin chunks cost fewer temporary "
+                                 "bytes.")
     downsample: DownsampleConfig = Field(default_factory=DownsampleConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -260,8 +282,6 @@ class RunConfig(_Section):
         inf, model = self.inference, self.model
         if inf.patch_overlap is None:
             inf.patch_overlap = [p // 4 for p in model.output_patch]
-        if inf.blend == "overlap":
-            raise ConfigError("inference.blend", "'overlap' is not available yet; use 'crop'")
         for axis, ov, op in zip("xyz", inf.patch_overlap, model.output_patch):
             if ov >= op:
                 raise ConfigError("inference.patch_overlap",

@@ -100,20 +100,39 @@ class SlidingWindow:
     @torch.inference_mode()
     def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Blend the model over `image` (c, z, y, x); returns (C, z', y', x') on the device."""
+        x = self._prepare(image)
+        out_shape = self.output_shape(x.shape[1:])
+        per_axis = [lattice_starts(n, p, s) for n, p, s in
+                    zip(out_shape, self.output_patch, self.stride)]
+        acc = self.weighted_sum(x, per_axis)
+        acc /= self._weight_sum(out_shape)
+        return acc
+
+    def _prepare(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = image if isinstance(image, torch.Tensor) else self.model.normalize(image)
         if x.ndim != 4:
             raise ValueError(f"expected a (c, z, y, x) array, got shape {tuple(x.shape)}")
-        out_shape = self.output_shape(x.shape[1:])
-        if any(n < p for n, p in zip(out_shape, self.output_patch)):
+        if any(n < p for n, p in zip(self.output_shape(x.shape[1:]), self.output_patch)):
             raise ValueError(f"input {tuple(x.shape[1:])} (z, y, x) is smaller than the "
                              f"input patch {self.input_patch}")
-        starts = self.patches(x.shape[1:])
+        return x
+
+    @torch.inference_mode()
+    def weighted_sum(self, image: np.ndarray | torch.Tensor,
+                     starts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Sum of weight x prediction over the patches whose output starts, per axis (z, y,
+        x), are `starts` (relative to the output, which covers `image` minus the patch
+        margin); not normalised, because overlap mode divides by the whole run's weight sum,
+        not by this array's."""
+        x = self._prepare(image)
+        out_shape = self.output_shape(x.shape[1:])
+        grid = [(z, y, xx) for z in starts[0] for y in starts[1] for xx in starts[2]]
         acc = None
         pz, py, px = self.input_patch
         oz, oy, ox = self.output_patch
         mz, my, mx = self.margin
-        for b in range(0, len(starts), self.batch_size):
-            group = starts[b:b + self.batch_size]
+        for b in range(0, len(grid), self.batch_size):
+            group = grid[b:b + self.batch_size]
             batch = torch.stack([x[:, z:z + pz, y:y + py, xx:xx + px] for z, y, xx in group])
             pred = self.model(batch)
             if tuple(pred.shape[2:]) == self.input_patch and self.input_patch != self.output_patch:
@@ -124,5 +143,4 @@ class SlidingWindow:
             pred = pred * self._weight
             for k, (z, y, xx) in enumerate(group):
                 acc[:, z:z + oz, y:y + oy, xx:xx + ox] += pred[k]
-        acc /= self._weight_sum(out_shape)
         return acc

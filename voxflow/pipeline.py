@@ -7,10 +7,11 @@ the driver (`voxflow.runner`) build on the `Plan`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
+from .blend import OverlapGrid
 from .config import ConfigError, RunConfig
 from .downsample import DownsamplePass, plan_downsample
 from .geometry import Box, ChunkGrid
@@ -28,7 +29,7 @@ class Plan:
     input_channels: int
     input_dtype: str
     resolution: tuple[float, float, float]
-    grid: ChunkGrid
+    grid: Union[ChunkGrid, OverlapGrid]   # inference tasks: crop chunks, or overlap blocks
     downsample: tuple[DownsamplePass, ...]
 
     @property
@@ -61,7 +62,13 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
     if model is not None or check_model:
         (model or Model(config.model, "cpu")).check(source.num_channels)
     _check_existing_output(config, bounds, source.resolution)
-    grid = ChunkGrid(bbox, config.inference.chunk, config.margin, origin=bounds.start)
+    inf = config.inference
+    if inf.blend == "overlap":
+        grid = OverlapGrid(bbox, config.model.output_patch, inf.patch_overlap,
+                           config.model.patch_margin, inf.chunk, config.storage_chunk,
+                           origin=bounds.start)
+    else:
+        grid = ChunkGrid(bbox, inf.chunk, config.margin, origin=bounds.start)
     ds = config.downsample
     passes = plan_downsample(bounds, bbox, config.storage_chunk, ds.factor, ds.mips,
                              config.model.output_channels
@@ -83,6 +90,10 @@ def _check_existing_output(config: RunConfig, bounds: Box, resolution) -> None:
         if have[key] != value:
             raise ConfigError("output", f"existing layer {config.output} has {key} "
                               f"{have[key]}, this run needs {value}")
+    if config.inference.blend == "overlap" and list(out.chunk) != config.storage_chunk:
+        raise ConfigError("storage_chunk", f"{config.storage_chunk} differs from the existing "
+                          f"output's storage chunk {list(out.chunk)} (overlap mode blends "
+                          "whole storage chunks)")
     if any(c % s for c, s in zip(config.inference.chunk, out.chunk)):
         raise ConfigError("inference.chunk", f"{config.inference.chunk} is not a multiple of "
                           f"the existing output's storage chunk {list(out.chunk)}")

@@ -5,7 +5,9 @@ them; the driver only watches the stage's counters (progress) until nothing is o
 scales the group to zero — also when the run fails or is interrupted. Re-running the same
 run skips the tasks already done, as long as the output layer still exists (a run that has to
 create its output forgets the run's old done records). A stage with dead tasks stops the run:
-later stages would read incomplete data.
+later stages would read incomplete data. In overlap mode the run's temporary partial sums are
+deleted once every stage has succeeded (unless `inference.keep_temporary`); a failed or
+interrupted run keeps them, so resuming it skips the inference already done.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+from .blend import TemporaryStore, temporary_url
 from .config import RunConfig, voxflow_home
 from .groups import Autoscaler, open_group
 from .messages import encode
@@ -90,7 +93,15 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
                                              poll_seconds))
     finally:
         queue.close()
+    if config.inference.blend == "overlap" and not config.inference.keep_temporary:
+        delete_temporary(config, run_id)
     return summary
+
+
+def delete_temporary(config: RunConfig, run_id: str) -> None:
+    """Delete a succeeded overlap-mode run's partial sums (any orchestrator calls this after
+    the last stage; deleting twice is harmless)."""
+    TemporaryStore(temporary_url(config, run_id)).delete_all()
 
 
 def publish_stage(queue: TaskQueue, run_id: str, p: Plan, name: str) -> int:

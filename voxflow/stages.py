@@ -4,15 +4,19 @@ A worker runs only operations it knows by name (`build_stage`). Each task is spl
 `load` (read its input: I/O, prefetched while the previous task computes) and `process`
 (compute and write). Both are idempotent: re-running a task writes the same bytes to the same
 places, so at-least-once delivery is harmless.
+
+Stages of a run: inference (crop mode: `InferenceStage`; overlap mode:
+`OverlapInferenceStage`), then in overlap mode `BlendStage`, then the downsample passes.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 import numpy as np
 import torch
 
+from .blend import BandGrid, OverlapGrid, TemporaryStore, partial_key, temporary_url
 from .downsample import downsample
 from .geometry import Box, ChunkGrid
 from .inference import SlidingWindow
@@ -24,7 +28,7 @@ from .volume import Volume
 
 class Stage(Protocol):
     name: str
-    kind: str             # which worker group serves it: "inference" | "downsample"
+    kind: str             # which worker group serves it: "inference" | "blend" | "downsample"
 
     def __len__(self) -> int: ...
 
@@ -86,6 +90,95 @@ class InferenceStage:
         self._output.write(box, data)
 
 
+def _divide(acc: torch.Tensor, sums: list[np.ndarray]) -> None:
+    """acc (c, z, y, x) /= float32(z * y * x) of the 1D float64 weight sums, one z section
+    at a time: the 3D sum (float64 on the way) is never held whole, on the host or device."""
+    zy = torch.from_numpy(np.outer(sums[0], sums[1])).to(acc.device)
+    x = torch.from_numpy(sums[2]).to(acc.device)
+    for k in range(acc.shape[1]):
+        acc[:, k] /= (zy[k][:, None] * x[None, :]).to(torch.float32)
+
+
+class OverlapInferenceStage:
+    """Overlap mode: each task runs its block of the run's patch lattice, divides by the
+    whole lattice's weight sum, writes its exclusive box final and its band parts as partial
+    sums to temporary storage (one object per band cell: no read-modify-write)."""
+
+    name = kind = "inference"
+
+    def __init__(self, p: Plan, run: str, model: Optional[Model] = None):
+        self.plan = p
+        self.grid: OverlapGrid = p.grid
+        cfg = p.config
+        self.model = model or Model(cfg.model, pick_device(cfg.inference.device))
+        self.window = SlidingWindow(self.model, cfg.model.input_patch, cfg.model.output_patch,
+                                    cfg.inference.patch_overlap, cfg.inference.batch_size,
+                                    cfg.inference.weighting)
+        self._input = Volume(cfg.input, cfg.mip)
+        self._output = Volume(cfg.output)
+        self.store = TemporaryStore(temporary_url(cfg, run))
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def box(self, index: int) -> Box:
+        return self.grid.box(index)
+
+    def load(self, index: int) -> np.ndarray:
+        return self._input.read(self.grid.read_box(index), pad=self.plan.config.inference.pad)
+
+    @torch.inference_mode()
+    def process(self, index: int, image: np.ndarray) -> None:
+        cfg = self.plan.config
+        acc = self.window.weighted_sum(image, self.grid.patch_starts(index))
+        _divide(acc, self.grid.weight_sums(index, cfg.inference.weighting))
+        origin = self.grid.extent(index).start
+        for piece in self.grid.pieces(index):
+            part = acc[(slice(None), *piece.box.zyx_slices(origin))]
+            if piece.cell is None:
+                self._output.write(piece.box, to_output_dtype(part, cfg.output_dtype)
+                                   .cpu().numpy())
+            else:
+                self.store.put(partial_key(piece.cell, index), part.cpu().numpy())
+
+
+class BlendStage:
+    """Overlap mode: a task blends up to 7 band cells; for each it adds the cell's partial
+    sums in task order (fixed, so a retry writes the same bits), casts to the output dtype
+    and writes the cell's whole storage-aligned block."""
+
+    name = kind = "blend"
+
+    def __init__(self, p: Plan, run: str):
+        self.plan = p
+        self.bands: BandGrid = p.grid.bands
+        self.store = TemporaryStore(temporary_url(p.config, run))
+        self._output = Volume(p.config.output)
+
+    def __len__(self) -> int:
+        return len(self.bands)
+
+    def box(self, index: int) -> Box:
+        return self.bands.box(index)
+
+    def load(self, index: int) -> list[tuple[Box, list[tuple[Box, np.ndarray]]]]:
+        channels = self.plan.config.model.output_channels
+        return [(self.bands.cell_box(cell),
+                 [(box, self.store.get(partial_key(cell, task),
+                                       (channels, *reversed(box.shape))))
+                  for task, box in self.bands.sources(cell)])
+                for cell in self.bands.cells(index)]
+
+    def process(self, index: int,
+                cells: list[tuple[Box, list[tuple[Box, np.ndarray]]]]) -> None:
+        channels, dtype = self.plan.config.model.output_channels, self.plan.config.output_dtype
+        for box, parts in cells:
+            acc = np.zeros((channels, *reversed(box.shape)), np.float32)
+            for part_box, part in parts:
+                acc[(slice(None), *part_box.zyx_slices(box.start))] += part
+            self._output.write(box, to_output_dtype(torch.from_numpy(acc), dtype).numpy())
+
+
 class DownsampleStage:
     """One pass of the pyramid: read a source-mip box, write the mips above it."""
 
@@ -114,11 +207,13 @@ class DownsampleStage:
             self._volumes[k].write(self.pass_.target_box(self.box(index), factor, k), level)
 
 
-def stage_grid(p: Plan, name: str) -> ChunkGrid:
+def stage_grid(p: Plan, name: str) -> Union[ChunkGrid, OverlapGrid, BandGrid]:
     """The task grid of stage `name` (what is published, and what messages are checked
     against)."""
     if name == "inference":
         return p.grid
+    if name == "blend" and isinstance(p.grid, OverlapGrid):
+        return p.grid.bands
     kind, _, number = name.partition("-")
     if kind == "downsample" and number.isdigit() and int(number) < len(p.downsample):
         return p.downsample[int(number)].grid
@@ -126,19 +221,25 @@ def stage_grid(p: Plan, name: str) -> ChunkGrid:
 
 
 def stage_names(p: Plan) -> list[str]:
-    """The run's stages, in the order they run."""
-    return ["inference"] + [f"downsample-{i}" for i in range(len(p.downsample))]
+    """The run's stages, in the order they run (blend only where chunks meet)."""
+    blend = ["blend"] if isinstance(p.grid, OverlapGrid) and len(p.grid.bands) else []
+    return ["inference", *blend] + [f"downsample-{i}" for i in range(len(p.downsample))]
 
 
 def stage_kind(name: str) -> str:
     return name.split("-", 1)[0]
 
 
-def build_stage(p: Plan, name: str, model: Optional[Model] = None) -> Stage:
-    """The operation for stage `name`; unknown names are refused (a message is not code)."""
+def build_stage(p: Plan, name: str, run: str, model: Optional[Model] = None) -> Stage:
+    """The operation for stage `name` of run `run`; unknown names are refused (a message is
+    not code)."""
     stage_grid(p, name)
     if name == "inference":
+        if isinstance(p.grid, OverlapGrid):
+            return OverlapInferenceStage(p, run, model)
         return InferenceStage(p, model)
+    if name == "blend":
+        return BlendStage(p, run)
     return DownsampleStage(p, int(name.partition("-")[2]))
 
 
@@ -166,5 +267,5 @@ class StageCache:
                     self._runs.pop(next(iter(self._runs)))
             p, model, stages = self._runs[run]
             if name not in stages:
-                stages[name] = build_stage(p, name, model)
+                stages[name] = build_stage(p, name, run, model)
             return stages[name]

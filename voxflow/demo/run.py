@@ -28,7 +28,9 @@ def demo_config(image_url: str, output_url: str) -> dict:
         "output": output_url,
         "model": {"path": str(HERE / "rsunet.py"), "weights": str(HERE / "rsunet.safetensors"),
                   "input_patch": [64, 64, 16], "output_channels": 1},
-        "inference": {"chunk": [128, 128, 16], "patch_overlap": [16, 16, 4], "batch_size": 4},
+        # overlap mode (the default) in 2 x 2 tasks, so the output shows chunks blended
+        "inference": {"chunk": [128, 128, 32], "patch_overlap": [16, 16, 4], "batch_size": 4,
+                      "blend": "overlap"},
         "storage_chunk": [64, 64, 16],
         "output_dtype": "uint8",
         "downsample": {"mips": 2, "factor": [2, 2, 1]},
