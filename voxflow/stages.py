@@ -99,24 +99,15 @@ def _divide(acc: torch.Tensor, sums: list[np.ndarray]) -> None:
         acc[:, k] /= (zy[k][:, None] * x[None, :]).to(torch.float32)
 
 
-class OverlapInferenceStage:
+class OverlapInferenceStage(InferenceStage):
     """Overlap mode: each task runs its block of the run's patch lattice, divides by the
     whole lattice's weight sum, writes its exclusive box final and its band parts as partial
     sums to temporary storage (one object per band cell: no read-modify-write)."""
 
-    name = kind = "inference"
-
     def __init__(self, p: Plan, run: str, model: Optional[Model] = None):
-        self.plan = p
+        super().__init__(p, model)
         self.grid: OverlapGrid = p.grid
-        cfg = p.config
-        self.model = model or Model(cfg.model, pick_device(cfg.inference.device))
-        self.window = SlidingWindow(self.model, cfg.model.input_patch, cfg.model.output_patch,
-                                    cfg.inference.patch_overlap, cfg.inference.batch_size,
-                                    cfg.inference.weighting)
-        self._input = Volume(cfg.input, cfg.mip)
-        self._output = Volume(cfg.output)
-        self.store = TemporaryStore(temporary_url(cfg, run))
+        self.store = TemporaryStore(temporary_url(p.config, run))
 
     def __len__(self) -> int:
         return len(self.grid)
