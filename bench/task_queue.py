@@ -14,21 +14,15 @@ union of the indices the workers acked has no repeats and covers every task.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# This file shares its name with the stdlib `queue` (imported by torch and multiprocessing):
-# keep its directory off the import path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse
 import json
+import os
 import multiprocessing as mp
 import platform
 import resource
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from array import array
