@@ -28,6 +28,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/inference.py
+	$(PY) bench/task_queue.py
+	$(PY) bench/blend.py
 
 clean:
 	rm -rf demo-output .pytest_cache .airflow
