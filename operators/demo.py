@@ -7,7 +7,6 @@ where to look, and stops Airflow.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from .local import REPO, free_port, start
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Optional
 
 from airflow.sdk import BaseOperator

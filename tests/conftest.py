@@ -1,8 +1,12 @@
 """Shared fixtures: real precomputed layers on disk and small real models."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -93,3 +97,41 @@ def write_config(path: Path, **config) -> Path:
     config.setdefault("workers", INLINE)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def worker_pids() -> dict[str, int]:
+    """worker id -> PID of the `voxflow worker` processes this test process started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and "worker" in cmd and "--worker-id" in cmd:
+            found[cmd[cmd.index("--worker-id") + 1]] = int(entry.name)
+    return found
+
+
+def sigkill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@contextmanager
+def chaos(step: Callable[[threading.Event], None]) -> Iterator[None]:
+    """Run `step(stop)` on a thread for the duration of the block; `step` loops until
+    `stop` is set (killing workers as it sees fit)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=step, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

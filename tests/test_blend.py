@@ -1,11 +1,7 @@
 """Overlap mode (`inference.blend: overlap`): many chunks equal one pass over the whole bbox,
 the blend is idempotent under chaos, temporary data goes away, and the demo shows no seam."""
 import json
-import os
 import random
-import signal
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +18,7 @@ from voxflow.pipeline import plan
 from voxflow.queues import open_queue
 from voxflow.volume import Volume
 
-from conftest import SmallConv, make_layer, write_config
+from conftest import SmallConv, chaos, make_layer, sigkill, worker_pids, write_config
 
 INLINE = {"inference": "local://0", "blend": "local://0", "downsample": "local://0"}
 
@@ -201,22 +197,6 @@ def test_plan_reports_blend_stage_and_temporary_bytes(tmp_path, capsys):
 
 # -- chaos ---------------------------------------------------------------------------------
 
-def _worker_pids() -> dict[str, int]:
-    """worker id -> PID of the `voxflow worker` processes this test process started."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (entry / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and "worker" in cmd and "--worker-id" in cmd:
-            found[cmd[cmd.index("--worker-id") + 1]] = int(entry.name)
-    return found
-
-
 def test_sigkill_during_inference_and_blend_output_bit_identical(tmp_path):
     img = (np.random.default_rng(5).random((1, 16, 144, 144)) * 255).astype(np.uint8)
     make_layer(tmp_path / "img", img, offset=(3, 3, 1), chunk=(16, 16, 4))
@@ -234,29 +214,20 @@ def test_sigkill_during_inference_and_blend_output_bit_identical(tmp_path):
     cfg = write_config(tmp_path / "chaos.yaml", output="chaos",
                        queue={"url": queue_url, "lease_seconds": 2, "max_attempts": 8}, **base)
     q = open_queue(queue_url)
-    stop, kills = threading.Event(), {"inference": 0, "blend": 0}
+    kills = {"inference": 0, "blend": 0}
 
-    def chaos():                     # SIGKILL workers that hold a task: twice in each stage
+    def kill_busy_workers(stop):     # SIGKILL workers that hold a task: twice in each stage
         rng = random.Random(0)
         while not stop.wait(rng.uniform(0.02, 0.1)):
             for kind in kills:
                 busy = q.busy_workers(kind) if kills[kind] < 2 else set()
-                alive = _worker_pids()                # a killed worker's lease lingers
+                alive = worker_pids()                 # a killed worker's lease lingers
                 pid = next((alive[w] for w in sorted(busy) if w in alive), None)
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        kills[kind] += 1
-                    except ProcessLookupError:
-                        pass
+                if pid and sigkill(pid):
+                    kills[kind] += 1
 
-    thread = threading.Thread(target=chaos, daemon=True)
-    thread.start()
-    try:
+    with chaos(kill_busy_workers):
         assert main(["run", str(cfg), "--run-id", "chaos", "--quiet"]) == 0
-    finally:
-        stop.set()
-        thread.join()
     stats = q.stats("chaos")
     assert stats["blend"].total == 5 * 5 * 2 - 1        # a task per corner where chunks meet
     assert all(s.done == s.total and s.dead == 0 for s in stats.values()), stats
@@ -265,7 +236,7 @@ def test_sigkill_during_inference_and_blend_output_bit_identical(tmp_path):
     got, want = got.read(got.bounds), want.read(want.bounds)
     assert np.array_equal(got, want), np.abs(got - want).max()
     assert not any(tmp_path.glob("*.voxflow-tmp/*"))
-    assert _worker_pids() == {}
+    assert worker_pids() == {}
 
 
 # -- the demo volume -----------------------------------------------------------------------

@@ -4,9 +4,7 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,24 +13,7 @@ from voxflow.cli import main
 from voxflow.queues import open_queue
 from voxflow.volume import Volume
 
-from conftest import Pointwise, make_layer, write_config
-
-
-def _children_workers() -> list[int]:
-    """PIDs of `voxflow worker` processes whose parent is this test process."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and b"worker" in cmd and b"voxflow" in cmd:
-            pids.append(int(entry.name))
-    return pids
+from conftest import Pointwise, chaos, make_layer, sigkill, worker_pids, write_config
 
 
 def _setup(tmp_path, n_chunks_z=8):
@@ -61,28 +42,19 @@ def test_chaos_sigkill_workers_output_identical(tmp_path):
     cfg = write_config(tmp_path / "chaos.yaml", output="chaos",
                        queue={"url": queue_url, "lease_seconds": 3, "max_attempts": 6},
                        workers=workers, **base)
-    stop = threading.Event()
     kills = []
 
-    def chaos():
+    def kill_a_random_worker(stop):
         rng = random.Random(0)
         while not stop.wait(rng.uniform(1.5, 2.5)):
-            pids = _children_workers()
+            pids = list(worker_pids().values())
             if pids:
                 victim = rng.choice(pids)
-                try:
-                    os.kill(victim, signal.SIGKILL)
+                if sigkill(victim):
                     kills.append(victim)
-                except ProcessLookupError:
-                    pass
 
-    thread = threading.Thread(target=chaos, daemon=True)
-    thread.start()
-    try:
+    with chaos(kill_a_random_worker):
         assert main(["run", str(cfg), "--run-id", "chaos", "--quiet"]) == 0
-    finally:
-        stop.set()
-        thread.join()
     q = open_queue(queue_url)
     stats = q.stats("chaos")
     assert stats["inference"].total == 5 * 5 * 8 >= 200
@@ -90,7 +62,7 @@ def test_chaos_sigkill_workers_output_identical(tmp_path):
     assert len(kills) >= 3, kills                      # the chaos really happened
     for got, want in zip(_layer(tmp_path / "chaos"), _layer(tmp_path / "ref")):
         assert np.array_equal(got, want)
-    assert _children_workers() == []                   # the group scaled to zero
+    assert worker_pids() == {}                   # the group scaled to zero
 
 
 def test_resume_after_killing_driver_and_workers(tmp_path, voxflow_home):

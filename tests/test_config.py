@@ -3,8 +3,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-import yaml
 
 from voxflow.cli import main
 from voxflow.config import ConfigError, load_config, parse_config

@@ -8,9 +8,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from voxflow.geometry import Box
 from voxflow.view import make_server
-from voxflow.volume import Volume
 
 from conftest import make_layer
 
