@@ -84,11 +84,12 @@ def test_resume_after_killing_driver_and_workers(tmp_path, voxflow_home):
                                "resume", "--quiet"], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     q = open_queue(queue_url)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 180
+    while True:                                        # (the stage row exists before its tasks)
         s = q.stats("resume").get("inference")
-        if s and s.done >= s.total // 2:
+        if s and s.total and s.done >= s.total // 2:
             break
+        assert time.monotonic() < deadline, "the run never got half way"
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)              # driver and workers, all at once
     driver.wait()
