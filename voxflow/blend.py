@@ -25,17 +25,16 @@ import bisect
 import io
 import itertools
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from cloudfiles import CloudFiles
 
 from .config import RunConfig
 from .geometry import Box, Vec3, vec3
 from .inference import PROFILES, Weighting
+from .storage import Storage
 
 TEMPORARY_SUFFIX = ".voxflow-tmp"
 
@@ -387,24 +386,23 @@ def partial_key(cell: Sequence[int], task: int) -> str:
 
 
 class TemporaryStore:
-    """A run's partial sums under one URL prefix (file://, gs://, ...), through cloud-files.
+    """A run's partial sums under one URL prefix (file://, gs://, ...), through `Storage`.
 
     Objects are written whole and never modified; a rewrite (a retried task) writes the same
     bytes, so readers need no locks.
     """
 
     def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self._files = CloudFiles(self.url)
+        self.storage = Storage(url)
+        self.url = self.storage.url
 
     def put(self, key: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array, dtype="<f4"), allow_pickle=False)
-        self._files.put(key, buf.getvalue(), content_type="application/octet-stream",
-                        compress=None)
+        self.storage.put(key, buf.getvalue())
 
     def get(self, key: str, shape: Sequence[int]) -> np.ndarray:
-        data = self._files.get(key)
+        data = self.storage.get(key)
         if data is None:
             raise FileNotFoundError(f"partial sum {self.url}/{key} is missing")
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -415,13 +413,11 @@ class TemporaryStore:
 
     def delete_all(self) -> None:
         """Remove the run's temporary data (and, on a local disk, the emptied folders)."""
+        self.storage.delete_prefix("")
         if self.url.startswith("file://"):
-            path = Path(self.url[len("file://"):])
-            shutil.rmtree(path, ignore_errors=True)
-            if path.parent.name.endswith(TEMPORARY_SUFFIX):
+            parent = Path(self.url[len("file://"):]).parent
+            if parent.name.endswith(TEMPORARY_SUFFIX):
                 try:
-                    path.parent.rmdir()                 # only when no other run keeps data
+                    parent.rmdir()                      # only when no other run keeps data
                 except OSError:
                     pass
-            return
-        self._files.delete(self._files.list())
