@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# voxflow CPU worker: torch (CPU build) + the voxflow core library. No Airflow.
+# Serves blend and downsample stages (and inference on machines without a GPU).
+#
+#   docker build -f docker/worker-cpu.Dockerfile -t voxflow-worker-cpu .    # from the repo root
+#   docker run --rm voxflow-worker-cpu worker QUEUE_URL --kind blend
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
+
+# The CPU build of torch lives on PyTorch's CPU index (PyPI's Linux build is the CUDA one,
+# several GB). The version is requirements.txt's pin; "2.13.0+cpu" satisfies "==2.13.0".
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY requirements.txt docker/requirements.sh /tmp/build/
+RUN sh /tmp/build/requirements.sh worker /tmp/build/requirements.txt > /tmp/build/worker.txt \
+ && pip install --index-url "$TORCH_INDEX_URL" "$(grep -E '^torch==' /tmp/build/worker.txt)" \
+ && pip install -r /tmp/build/worker.txt \
+ && rm -rf /tmp/build
+
+# voxflow itself (only the core package: operators/ would need Airflow).
+COPY pyproject.toml README.md /tmp/src/
+COPY voxflow /tmp/src/voxflow
+RUN pip install --no-deps /tmp/src && rm -rf /tmp/src
+
+# Models live under /opt/voxflow/models in every voxflow image (Airflow's plan task loads the
+# same path to check it): the demo model is here; derived images add theirs.
+COPY voxflow/demo/rsunet.py voxflow/demo/rsunet.safetensors /opt/voxflow/models/demo/
+
+RUN groupadd --gid 10001 voxflow \
+ && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin voxflow
+USER 10001:10001
+WORKDIR /home/voxflow
+ENV VOXFLOW_HOME=/home/voxflow/.voxflow
+
+# SIGTERM (docker stop, a Spot VM's preemption notice) makes the worker release its leases
+# at once and exit; the exec-form ENTRYPOINT makes voxflow PID 1, so it gets the signal.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["voxflow"]
+CMD ["worker", "--help"]
