@@ -47,7 +47,8 @@ def _group(config, run: str, kind: str):
     url = workers.group if workers.group != "local://0" else "local://1"
     return open_group(url, config.queue.url, kind, log_dir=voxflow_home() / "logs" / run,
                       lease_seconds=config.queue.lease_seconds, capacity=workers.max,
-                      state_dir=voxflow_home() / "groups" / run / kind), workers
+                      state_dir=voxflow_home() / "groups" / run / kind,
+                      gce=workers.gce), workers
 
 
 class PlanRunOperator(BaseOperator):

@@ -8,6 +8,8 @@ need no I/O live here; checks that read the input layer or load the model live i
 from __future__ import annotations
 
 import os
+import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -204,17 +206,134 @@ class QueueConfig(_Section):
         raise ValueError(f"{value!r} is not a known queue URL (sqlite:///path/queue.db)")
 
 
+_GCE_PROJECT = re.compile(r"(?:[a-z][-a-z0-9.]*\.[a-z]{2,}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")
+_GCE_ZONE = re.compile(r"[a-z]+(?:-[a-z]+)*[0-9]+-[a-z]")
+_GCE_GROUP = re.compile(r"[a-z](?:[-a-z0-9]{0,52}[a-z0-9])?")
+_GCE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
+# The zone of the gce:// URL whose `gce` section is being validated (zones are checked
+# against its region; a nested model cannot see its parent's fields otherwise).
+_GCE_GROUP_ZONE: ContextVar[Optional[str]] = ContextVar("voxflow_gce_group_zone", default=None)
+
+
+def parse_gce_url(url: str) -> tuple[str, str, str]:
+    """(project, zone, group) of `gce://PROJECT/ZONE/GROUP`; ValueError naming the bad part."""
+    parts = url[len("gce://"):].split("/") if url.startswith("gce://") else []
+    if len(parts) != 3:
+        raise ValueError(f"{url!r} is not gce://PROJECT/ZONE/GROUP")
+    project, zone, group = parts
+    if not _GCE_PROJECT.fullmatch(project):
+        raise ValueError(f"{url!r}: {project!r} is not a project id (6 to 30 lowercase "
+                         "letters, digits and hyphens, starting with a letter)")
+    if not _GCE_ZONE.fullmatch(zone):
+        raise ValueError(f"{url!r}: {zone!r} is not a zone like us-central1-a")
+    if not _GCE_GROUP.fullmatch(group):
+        raise ValueError(f"{url!r}: {group!r} is not a group name (RFC 1035: lowercase "
+                         "letters, digits and hyphens, starting with a letter, at most 54 "
+                         "characters: instance template names add 9)")
+    return project, zone, group
+
+
+def gce_region(zone: str) -> str:
+    """The region of a zone: us-central1-a -> us-central1."""
+    return zone.rsplit("-", 1)[0]
+
+
+class GceConfig(_Section):
+    """Compute Engine settings of a gce://PROJECT/ZONE/GROUP group: a managed instance group
+    of (Spot) VMs, each running the worker container (voxflow/groups/gce.py)."""
+
+    image: str = Field(description="Worker container image each VM runs `voxflow worker` "
+                       "in, e.g. us-docker.pkg.dev/PROJECT/REPO/voxflow-gpu:TAG; required "
+                       "for a gce:// group.")
+    machine_type: str = Field("n1-standard-8", description="Machine type of each VM.")
+    accelerator_type: Optional[str] = Field(None, description="GPU attached to each VM, e.g. "
+                                            "nvidia-tesla-t4 (N1 machine types) or nvidia-l4 "
+                                            "(g2-standard-*); unset: a CPU group.")
+    accelerator_count: PositiveInt = Field(1, description="GPUs per VM; used only with "
+                                           "accelerator_type.")
+    boot_image: Optional[str] = Field(None, description="Boot disk image or image family "
+                                      "URL. Default: GPU groups a Deep Learning VM image "
+                                      "(NVIDIA driver, Docker, NVIDIA container toolkit); "
+                                      "CPU groups Container-Optimized OS (cos-stable).")
+    disk_gb: Annotated[int, Field(ge=10)] = Field(100, description="Boot disk size, GB (it "
+                                                  "holds the container image).")
+    spot: bool = Field(True, description="Spot VMs, deleted on preemption and recreated by "
+                       "the group when capacity returns; false: standard VMs.")
+    zones: list[str] = Field([], description="Fallback zones, in order, in the region of "
+                             "the URL's zone: while a zone is out of stock (machine type or "
+                             "GPU), the VMs it cannot start go to a group of the same name "
+                             "in the next zone.")
+    service_account: Optional[str] = Field(None, description="Service account (email) the "
+                                           "VMs run as, with the cloud-platform scope; it "
+                                           "needs access to the queue and the volumes. "
+                                           "Default: the project's default compute service "
+                                           "account.")
+    network: str = Field("global/networks/default", description="VPC network of the VMs.")
+    subnetwork: Optional[str] = Field(None, description="Subnetwork, e.g. "
+                                      "regions/us-central1/subnetworks/NAME (custom-mode "
+                                      "networks need one).")
+    external_ip: bool = Field(True, description="An ephemeral external IP per VM (to pull "
+                              "the image and reach Google APIs); false needs Cloud NAT or "
+                              "Private Google Access on the subnetwork.")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a container image reference")
+        return value
+
+    @field_validator("machine_type", "accelerator_type")
+    @classmethod
+    def _resource_name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _GCE_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Compute Engine type name")
+        return value
+
+    @field_validator("service_account")
+    @classmethod
+    def _email(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[a-z]+", value):
+            raise ValueError(f"{value!r} is not a service account email")
+        return value
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, value: list[str]) -> list[str]:
+        for zone in value:
+            if not _GCE_ZONE.fullmatch(zone):
+                raise ValueError(f"{zone!r} is not a zone like us-central1-b")
+        if len(set(value)) < len(value):
+            raise ValueError(f"{value} names a zone twice")
+        primary = _GCE_GROUP_ZONE.get()
+        for zone in value if primary else ():
+            if zone == primary:
+                raise ValueError(f"{zone!r} is the group's own zone")
+            if gce_region(zone) != gce_region(primary):
+                raise ValueError(f"{zone!r} is not in region {gce_region(primary)} of the "
+                                 f"group's zone {primary} (subnetworks and GPU quotas are "
+                                 "regional)")
+        return value
+
+
 class GroupConfig(_Section):
     """A worker group and how the autoscaler sizes it."""
 
     group: str = Field("local://1", description="local://N: up to N worker processes on "
-                       "this machine; local://0: the driver works the queue itself.")
+                       "this machine; local://0: the driver works the queue itself; "
+                       "gce://PROJECT/ZONE/GROUP: a Compute Engine managed instance group "
+                       "named GROUP (needs max and the gce section).")
     min: Annotated[int, Field(ge=0)] = Field(0, description="Fewest workers while the stage "
                                              "has work.")
-    max: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="Most workers. "
-                                                       "Default: N of local://N.")
+    max: Optional[Annotated[int, Field(ge=0)]] = Field(None, validate_default=True,
+                                                       description="Most workers. "
+                                                       "Default: N of local://N; "
+                                                       "required for gce:// groups.")
     tasks_per_worker: PositiveInt = Field(4, description="Backlog per worker the autoscaler "
                                           "aims for.")
+    gce: Optional[GceConfig] = Field(None, validate_default=True, description="Compute "
+                                     "Engine settings of a gce:// group (required there; "
+                                     "local:// groups ignore it).")
 
     _shorthand = _string_means("group")
 
@@ -223,15 +342,44 @@ class GroupConfig(_Section):
     def _group_url(cls, value: str) -> str:
         if value.startswith("local://") and value[len("local://"):].isdigit():
             return value
-        raise ValueError(f"{value!r} is not a known worker group URL (local://N)")
+        if value.startswith("gce://"):
+            parse_gce_url(value)
+            return value
+        raise ValueError(f"{value!r} is not a known worker group URL (local://N or "
+                         "gce://PROJECT/ZONE/GROUP)")
+
+    @field_validator("max")
+    @classmethod
+    def _max_for_gce(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is None and str(info.data.get("group", "")).startswith("gce://"):
+            raise ValueError("is required for a gce:// group (the most VMs it may start)")
+        return value
+
+    @field_validator("gce", mode="wrap")
+    @classmethod
+    def _gce_section(cls, value: Any, handler, info: ValidationInfo) -> Optional[GceConfig]:
+        group = str(info.data.get("group", ""))
+        if not group.startswith("gce://"):
+            return handler(value)
+        if value is None:
+            raise ValueError("is required for a gce:// group (at least gce.image, the worker "
+                             "container image)")
+        if isinstance(value, GceConfig):
+            value = value.model_dump()                 # re-check zones against this URL
+        token = _GCE_GROUP_ZONE.set(parse_gce_url(group)[1])
+        try:
+            return handler(value)
+        finally:
+            _GCE_GROUP_ZONE.reset(token)
 
     @model_validator(mode="after")
     def _bounds(self) -> "GroupConfig":
-        capacity = int(self.group[len("local://"):])
-        if self.max is None:
-            self.max = capacity
-        if self.max > capacity and capacity:
-            raise ValueError(f"max {self.max} exceeds the group's {capacity} workers")
+        if self.group.startswith("local://"):
+            capacity = int(self.group[len("local://"):])
+            if self.max is None:
+                self.max = capacity
+            if self.max > capacity and capacity:
+                raise ValueError(f"max {self.max} exceeds the group's {capacity} workers")
         if self.min > self.max:
             raise ValueError(f"min {self.min} exceeds max {self.max}")
         return self

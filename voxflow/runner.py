@@ -125,7 +125,8 @@ def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageS
     log_dir = voxflow_home() / "logs" / run_id
     group = open_group(workers.group, queue.url, kind,
                        log_dir=log_dir,
-                       lease_seconds=config.queue.lease_seconds, capacity=workers.max)
+                       lease_seconds=config.queue.lease_seconds, capacity=workers.max,
+                       gce=workers.gce)
     inline: Optional[Worker] = None
     thread: Optional[threading.Thread] = None
     if group is None:                              # local://0: this process works the queue

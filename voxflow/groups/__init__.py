@@ -1,6 +1,7 @@
 """`WorkerGroup`: a resizable set of workers, and the `Autoscaler` that sizes it.
 
-Backends by URL: `local://N` (worker processes on this machine). The autoscaler is the same
+Backends by URL: `local://N` (worker processes on this machine), `gce://PROJECT/ZONE/GROUP`
+(a Compute Engine managed instance group of Spot VMs, `gce.py`). The autoscaler is the same
 for every backend: target = clamp(ceil(backlog / tasks_per_worker), min, max), zero once the
 stage has drained; scale-down stops only idle workers (those holding no lease).
 """
@@ -40,11 +41,23 @@ class Autoscaler:
         return self.target
 
 
-def open_group(url: str, queue_url: str, kind: str, **options) -> Optional[WorkerGroup]:
-    """The group for `url`; None for local://0 (the driver works the queue itself)."""
+def open_group(url: str, queue_url: str, kind: str, gce=None,
+               **options) -> Optional[WorkerGroup]:
+    """The group for `url`; None for local://0 (the driver works the queue itself).
+
+    `gce` (a `GceConfig`) is for gce:// groups and ignored by local ones; `options` are the
+    local backend's (log_dir, lease_seconds, capacity, state_dir): a gce:// group uses only
+    lease_seconds (passed to its workers) and ignores the rest.
+    """
     if url.startswith("local://"):
         if int(url[len("local://"):]) == 0:
             return None
         from .local import LocalGroup
         return LocalGroup(queue_url, kind, **options)
+    if url.startswith("gce://"):
+        if gce is None:
+            raise ValueError(f"worker group {url!r} needs its gce settings (workers.KIND.gce)")
+        from .gce import GceGroup
+        return GceGroup.from_url(url, queue_url, kind, gce,
+                                 lease_seconds=options.get("lease_seconds"))
     raise ValueError(f"unknown worker group URL {url!r}")

@@ -1,0 +1,588 @@
+"""The gce:// worker group against a recorded fake Compute Engine (no emulator exists).
+
+The fakes take and return the real `compute_v1` request/resource messages and real
+`ExtendedOperation`s; every request is recorded serialised (`to_dict`), and the tests assert
+what would go over the wire: the template body, template reuse, the resize calls the real
+`Autoscaler` makes, zone spreading on stockouts, target vs actual, and the teardown.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+compute_v1 = pytest.importorskip("google.cloud.compute_v1")
+from google.api_core import exceptions, extended_operation  # noqa: E402
+
+from voxflow.config import ConfigError, GceConfig, parse_config  # noqa: E402
+from voxflow.groups import Autoscaler, open_group  # noqa: E402
+from voxflow.groups.gce import GceGroup  # noqa: E402
+
+PROJECT, ZONE, NAME = "vox-proj", "us-central1-a", "vox-gpu"
+URL = f"gce://{PROJECT}/{ZONE}/{NAME}"
+QUEUE = "pubsub://vox-proj/run1?ledger=gs://vox-bucket/ledger&x=1"
+IMAGE = "us-docker.pkg.dev/vox-proj/voxflow/worker-gpu:1.0"
+SA = "voxflow-worker@vox-proj.iam.gserviceaccount.com"
+API = "https://www.googleapis.com/compute/v1"
+STOCKOUT = ("The zone 'projects/vox-proj/zones/{zone}' does not have enough resources "
+            "available to fulfill the request. Try a different zone, or try again later.")
+
+
+class _Operation(extended_operation.ExtendedOperation):
+    """As compute_v1's clients wrap `compute_v1.Operation`."""
+
+    @property
+    def error_message(self):
+        return self._extended_operation.http_error_message
+
+    @property
+    def error_code(self):
+        return self._extended_operation.http_error_status_code
+
+
+class Compute:
+    """Recorded fake of the two clients; `calls` holds (method, request as a dict)."""
+
+    def __init__(self, capacity: dict[str, int] | None = None):
+        self.calls: list[tuple[str, dict]] = []
+        self.templates: dict[str, compute_v1.InstanceTemplate] = {}
+        self.migs: dict[str, compute_v1.InstanceGroupManager] = {}
+        self.instances: dict[str, list[compute_v1.ManagedInstance]] = {}
+        self.capacity = capacity or {}               # zone -> VMs it can start (else any)
+        self.fail_next: dict[str, tuple[int, str]] = {}
+        self._ids = itertools.count()
+
+    # recording
+    def record(self, method: str, request, expected: type) -> None:
+        assert isinstance(request, expected), (method, type(request))
+        self.calls.append((method, type(request).to_dict(request)))
+
+    def sent(self, method: str) -> list[dict]:
+        return [r for m, r in self.calls if m == method]
+
+    def mutations(self) -> list[str]:
+        return [m for m, _ in self.calls if m not in ("templates.get", "get", "list")]
+
+    def operation(self, method: str, target: str, zone: str | None = None):
+        code, message = self.fail_next.pop(method, (0, ""))
+        op = compute_v1.Operation(
+            name=f"operation-{next(self._ids)}", operation_type=method, target_link=target,
+            status=compute_v1.Operation.Status.DONE, progress=100,
+            zone=f"{API}/projects/{PROJECT}/zones/{zone}" if zone else "",
+            http_error_status_code=code, http_error_message=message)
+        return _Operation.make(lambda *a, **k: op, lambda *a, **k: None, op)
+
+    # state helpers
+    def _vm(self, zone: str) -> compute_v1.ManagedInstance:
+        name = f"{NAME}-{next(self._ids):04x}"
+        started = sum(mi.last_attempt.errors.errors == [] for mi in self.instances[zone])
+        mi = compute_v1.ManagedInstance(
+            name=name, instance=f"{API}/projects/{PROJECT}/zones/{zone}/instances/{name}",
+            current_action="CREATING", id=next(self._ids))
+        if started >= self.capacity.get(zone, 10 ** 6):
+            mi.last_attempt = compute_v1.ManagedInstanceLastAttempt(errors={"errors": [{
+                "code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": STOCKOUT.format(zone=zone)}]})
+        return mi
+
+    def boot(self) -> None:
+        """Time passes: VMs that could be created are running."""
+        for vms in self.instances.values():
+            for mi in vms:
+                if mi.current_action == "CREATING" and not mi.last_attempt.errors.errors:
+                    mi.current_action, mi.instance_status = "NONE", "RUNNING"
+
+    def names(self, zone: str) -> list[str]:
+        return [mi.name for mi in self.instances.get(zone, [])]
+
+    def running(self, zone: str) -> list[str]:
+        return [mi.name for mi in self.instances.get(zone, []) if mi.instance_status == "RUNNING"]
+
+
+class FakeTemplates:
+    def __init__(self, compute: Compute):
+        self.c = compute
+
+    def get(self, request):
+        self.c.record("templates.get", request, compute_v1.GetInstanceTemplateRequest)
+        if request.instance_template not in self.c.templates:
+            raise exceptions.NotFound(f"instanceTemplates/{request.instance_template}")
+        return self.c.templates[request.instance_template]
+
+    def insert(self, request):
+        self.c.record("templates.insert", request, compute_v1.InsertInstanceTemplateRequest)
+        t = request.instance_template_resource
+        if t.name in self.c.templates:
+            raise exceptions.Conflict(f"instanceTemplates/{t.name} already exists")
+        self.c.templates[t.name] = t
+        return self.c.operation("insert", f"{API}/projects/{PROJECT}/global/"
+                                          f"instanceTemplates/{t.name}")
+
+
+class FakeManagers:
+    def __init__(self, compute: Compute):
+        self.c = compute
+
+    def _mig(self, request):
+        assert request.project == PROJECT and request.instance_group_manager == NAME
+        if request.zone not in self.c.migs:
+            raise exceptions.NotFound(f"zones/{request.zone}/instanceGroupManagers/{NAME}")
+        return self.c.migs[request.zone]
+
+    def get(self, request):
+        self.c.record("get", request, compute_v1.GetInstanceGroupManagerRequest)
+        mig = self._mig(request)
+        return type(mig).deserialize(type(mig).serialize(mig))
+
+    def list_managed_instances(self, request):
+        self.c.record("list", request,
+                      compute_v1.ListManagedInstancesInstanceGroupManagersRequest)
+        self._mig(request)
+        return iter(list(self.c.instances[request.zone]))
+
+    def insert(self, request):
+        self.c.record("insert", request, compute_v1.InsertInstanceGroupManagerRequest)
+        mig = request.instance_group_manager_resource
+        assert mig.target_size == 0
+        stored = compute_v1.InstanceGroupManager(
+            mig, zone=f"{API}/projects/{PROJECT}/zones/{request.zone}",
+            instance_template=f"{API}/{mig.instance_template}")
+        self.c.migs[request.zone] = stored
+        self.c.instances[request.zone] = []
+        return self.c.operation("insert", stored.name, request.zone)
+
+    def resize(self, request):
+        self.c.record("resize", request, compute_v1.ResizeInstanceGroupManagerRequest)
+        mig, vms = self._mig(request), self.c.instances[request.zone]
+        while len(vms) < request.size:
+            vms.append(self.c._vm(request.zone))
+        while len(vms) > request.size:        # the MIG drops VMs not yet running first
+            vms.remove(min(vms, key=lambda mi: mi.instance_status == "RUNNING"))
+        mig.target_size = request.size
+        return self.c.operation("resize", NAME, request.zone)
+
+    def delete_instances(self, request):
+        self.c.record("delete_instances", request,
+                      compute_v1.DeleteInstancesInstanceGroupManagerRequest)
+        mig, vms = self._mig(request), self.c.instances[request.zone]
+        urls = set(request.instance_group_managers_delete_instances_request_resource.instances)
+        gone = [mi for mi in vms if mi.instance in urls]
+        assert len(gone) == len(urls), "deleteInstances names a VM not in this group"
+        for mi in gone:
+            vms.remove(mi)
+        mig.target_size -= len(gone)
+        return self.c.operation("deleteInstances", NAME, request.zone)
+
+    def set_instance_template(self, request):
+        self.c.record("set_instance_template", request,
+                      compute_v1.SetInstanceTemplateInstanceGroupManagerRequest)
+        mig = self._mig(request)
+        link = request.instance_group_managers_set_instance_template_request_resource
+        mig.instance_template = f"{API}/{link.instance_template}"
+        return self.c.operation("setInstanceTemplate", NAME, request.zone)
+
+    def delete(self, request):
+        self.c.record("delete", request, compute_v1.DeleteInstanceGroupManagerRequest)
+        self._mig(request)
+        del self.c.migs[request.zone]
+        del self.c.instances[request.zone]
+        return self.c.operation("delete", NAME, request.zone)
+
+
+def gce_config(**overrides) -> GceConfig:
+    values = dict(image=IMAGE, machine_type="n1-standard-8",
+                  accelerator_type="nvidia-tesla-t4", accelerator_count=1, service_account=SA)
+    return GceConfig(**{**values, **overrides})
+
+
+def make_group(compute: Compute, kind: str = "inference", **overrides) -> GceGroup:
+    group = open_group(URL, QUEUE, kind, gce=gce_config(**overrides), lease_seconds=60.0,
+                       log_dir=Path("/nonexistent"), capacity=8, state_dir=Path("/x"))
+    assert isinstance(group, GceGroup)
+    group._templates, group._managers = FakeTemplates(compute), FakeManagers(compute)
+    return group
+
+
+def template_body(compute: Compute, index: int = -1) -> dict:
+    return compute.sent("templates.insert")[index]["instance_template_resource"]
+
+
+def metadata(body: dict) -> dict[str, str]:
+    return {i["key"]: i["value"] for i in body["properties"]["metadata"]["items"]}
+
+
+# -- the template --------------------------------------------------------------------------
+
+def test_gpu_template_body():
+    compute = Compute()
+    make_group(compute).resize(2, set())
+    (insert,) = compute.sent("templates.insert")
+    assert insert["project"] == PROJECT
+    body = template_body(compute)
+    props = body["properties"]
+    assert body["name"].startswith(f"{NAME}-") and len(body["name"]) == len(NAME) + 9
+    assert props["machine_type"] == "n1-standard-8"
+    assert props["guest_accelerators"] == [{"accelerator_type": "nvidia-tesla-t4",
+                                            "accelerator_count": 1}]
+    sched = props["scheduling"]
+    assert (sched["provisioning_model"], sched["instance_termination_action"],
+            sched["on_host_maintenance"], sched["automatic_restart"]) == \
+        ("SPOT", "DELETE", "TERMINATE", False)
+    assert props["service_accounts"] == [{
+        "email": SA, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+    assert props["labels"] == {"voxflow-kind": "inference", "voxflow-group": NAME}
+    (disk,) = props["disks"]
+    assert disk["boot"] and disk["auto_delete"]
+    assert disk["initialize_params"]["source_image"].startswith(
+        "projects/deeplearning-platform-release/global/images/family/common-cu")
+    assert disk["initialize_params"]["disk_size_gb"] == "100"    # int64: a JSON string
+    (nic,) = props["network_interfaces"]
+    assert nic["network"] == f"projects/{PROJECT}/global/networks/default"
+    assert nic["access_configs"][0]["type_"] == "ONE_TO_ONE_NAT"
+    meta = metadata(body)
+    assert set(meta) == {"startup-script", "shutdown-script", "google-logging-enabled",
+                         "install-nvidia-driver"}                 # nothing secret
+    assert "docker stop --time 25 voxflow-worker" in meta["shutdown-script"]
+    startup = meta["startup-script"]
+    assert "Restart=always" in startup and "ExecStop=/usr/bin/docker stop --time 25" in startup
+    (run,) = [ln for ln in startup.splitlines() if ln.startswith("exec docker run")]
+    assert shlex.split(run) == [
+        "exec", "docker", "run", "--rm", "--name", "voxflow-worker", "--gpus", "all", IMAGE,
+        "voxflow", "worker", QUEUE, "--kind", "inference", "--lease-seconds", "60",
+        "--worker-id", "$name"]
+
+
+def test_cpu_and_standard_templates():
+    compute = Compute()
+    make_group(compute, kind="blend", accelerator_type=None, machine_type="n2-highmem-8",
+               zones=["us-central1-b"], subnetwork="vox-subnet",
+               external_ip=False).resize(1, set())
+    props = template_body(compute)["properties"]
+    assert props["machine_type"] == "n2-highmem-8"
+    assert props.get("guest_accelerators", []) == []
+    assert props["disks"][0]["initialize_params"]["source_image"] == \
+        "projects/cos-cloud/global/images/family/cos-stable"
+    assert props["scheduling"]["provisioning_model"] == "SPOT"
+    assert props["labels"]["voxflow-kind"] == "blend"
+    nic = props["network_interfaces"][0]
+    assert nic["subnetwork"] == f"projects/{PROJECT}/regions/us-central1/subnetworks/vox-subnet"
+    assert nic.get("access_configs", []) == []
+    meta = metadata(template_body(compute))
+    assert "install-nvidia-driver" not in meta
+    assert "--gpus" not in meta["startup-script"] and "nvidia-smi" not in meta["startup-script"]
+
+    standard = Compute()
+    make_group(standard, accelerator_type=None, spot=False).resize(1, set())
+    sched = template_body(standard)["properties"]["scheduling"]
+    assert "provisioning_model" not in sched and "instance_termination_action" not in sched
+    assert "on_host_maintenance" not in sched          # CPU VMs may live-migrate
+
+    gpu_standard = Compute()
+    make_group(gpu_standard, spot=False).resize(1, set())
+    sched = template_body(gpu_standard)["properties"]["scheduling"]
+    assert sched["on_host_maintenance"] == "TERMINATE" and "provisioning_model" not in sched
+
+
+def test_startup_script_parses_and_runs_the_worker_container(tmp_path):
+    """bash -n accepts the script; its worker wrapper, run with a fake docker, passes the
+    queue URL (with ? and &) and the VM's name through intact."""
+    compute = Compute()
+    make_group(compute).resize(1, set())
+    startup = metadata(template_body(compute))["startup-script"]
+    script = tmp_path / "startup.sh"
+    script.write_text(startup)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    wrapper = startup.split("<<'VOXFLOW_WORKER'\n", 1)[1].split("\nVOXFLOW_WORKER\n", 1)[0]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool, body in {"docker": 'printf "%s\\n" "$@" > "$ARGS"',
+                       "curl": "echo vox-gpu-7f3a", "nvidia-smi": "true"}.items():
+        (bindir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / tool).chmod(0o755)
+    (tmp_path / "run-worker.sh").write_text(wrapper)
+    args = tmp_path / "args"
+    subprocess.run(["bash", str(tmp_path / "run-worker.sh")], check=True, timeout=30,
+                   env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+                        "ARGS": str(args)})
+    assert args.read_text().splitlines() == [
+        "run", "--rm", "--name", "voxflow-worker", "--gpus", "all", IMAGE, "voxflow",
+        "worker", QUEUE, "--kind", "inference", "--lease-seconds", "60",
+        "--worker-id", "vox-gpu-7f3a"]
+
+
+def test_template_is_reused_unless_the_config_changes():
+    compute = Compute()
+    make_group(compute).resize(2, set())
+    first = template_body(compute)["name"]
+    compute.calls.clear()
+    again = make_group(compute)                        # a later Airflow task, same config
+    again.resize(3, set())
+    assert compute.sent("templates.insert") == []
+    assert compute.sent("templates.get")[0]["instance_template"] == first
+    assert compute.sent("set_instance_template") == []
+    assert compute.sent("resize")[-1]["size"] == 3
+
+    compute.calls.clear()
+    changed = make_group(compute, image=IMAGE.replace(":1.0", ":1.1"))
+    changed.resize(3, set())
+    (insert,) = compute.sent("templates.insert")
+    second = insert["instance_template_resource"]["name"]
+    assert second != first and second.startswith(f"{NAME}-")
+    (switch,) = compute.sent("set_instance_template")
+    assert switch["zone"] == ZONE and switch[
+        "instance_group_managers_set_instance_template_request_resource"][
+        "instance_template"] == f"projects/{PROJECT}/global/instanceTemplates/{second}"
+    assert compute.sent("insert") == []                # the MIG itself is reused
+    assert set(compute.templates) == {first, second}
+
+
+def test_a_template_inserted_meanwhile_is_reused():
+    compute = Compute()
+    group = make_group(compute)
+    name = group.template_name()
+    compute.templates[name] = compute_v1.InstanceTemplate(name=name)
+    real_get = FakeTemplates.get
+
+    def get_misses_once(self, request):                # another task inserts between calls
+        self.get = lambda request: real_get(self, request)
+        raise exceptions.NotFound(name)
+    group._templates.get = get_misses_once.__get__(group._templates)
+    group.resize(1, set())
+    assert len(compute.sent("templates.insert")) == 1  # Conflict swallowed
+    assert compute.sent("resize")[-1]["size"] == 1
+
+
+# -- sizing --------------------------------------------------------------------------------
+
+def test_autoscaler_drives_the_mig_resizes():
+    compute = Compute()
+    group = make_group(compute)
+    scaler = Autoscaler(group, 0, 8, 4)
+    assert scaler.step(100, set()) == 8
+    (mig,) = compute.sent("insert")
+    assert mig["zone"] == ZONE
+    created = mig["instance_group_manager_resource"]
+    assert (created["name"], created["base_instance_name"], created["target_size"]) == \
+        (NAME, NAME, 0)
+    assert created["instance_template"] == \
+        f"projects/{PROJECT}/global/instanceTemplates/{template_body(compute)['name']}"
+    assert [(r["zone"], r["instance_group_manager"], r["size"])
+            for r in compute.sent("resize")] == [(ZONE, NAME, 8)]
+    assert group.size() == 8
+
+    compute.boot()
+    compute.calls.clear()
+    assert scaler.step(90, set()) == 8                 # steady: reads only
+    assert compute.mutations() == []
+
+    busy = set(compute.names(ZONE)[:5])
+    assert scaler.step(18, busy) == 5                  # ceil(18 / 4): shrink by 3 idle VMs
+    (delete,) = compute.sent("delete_instances")
+    urls = delete["instance_group_managers_delete_instances_request_resource"]["instances"]
+    assert len(urls) == 3 and not {u.rsplit("/", 1)[1] for u in urls} & busy
+    assert compute.sent("resize") == []                # deleteInstances lowered the target
+    assert set(compute.names(ZONE)) == busy and group.size() == 5
+
+    compute.calls.clear()
+    assert scaler.step(4, busy) == 1                   # 4 to go, but all 5 VMs are busy
+    assert compute.mutations() == [] and group.size() == 5
+    assert scaler.step(4, set(list(busy)[:1])) == 1    # now 4 idle: they go
+    assert compute.names(ZONE) == [n for n in compute.names(ZONE) if n in busy]
+    assert len(compute.names(ZONE)) == 1
+
+    assert scaler.step(0, set()) == 0                  # drained
+    assert compute.sent("resize")[-1] == {"project": PROJECT, "zone": ZONE,
+                                          "instance_group_manager": NAME, "size": 0}
+    assert group.size() == 0
+
+
+def test_shrink_prefers_vms_not_yet_running():
+    compute = Compute()
+    group = make_group(compute)
+    group.resize(2, set())
+    compute.boot()
+    group.resize(4, set())                             # two more, still starting
+    starting = set(compute.names(ZONE)) - set(compute.running(ZONE))
+    group.resize(2, set())
+    assert set(compute.names(ZONE)) == set(compute.running(ZONE))
+    assert not starting & set(compute.names(ZONE))
+
+
+def test_stockout_spills_to_the_next_zones():
+    compute = Compute(capacity={ZONE: 2, "us-central1-b": 1, "us-central1-c": 0})
+    group = make_group(compute, zones=["us-central1-b", "us-central1-c"])
+    scaler = Autoscaler(group, 0, 8, 4)
+    scaler.step(24, set())                             # 6 VMs: 2 fit in the primary zone
+    assert [(r["zone"], r["size"]) for r in compute.sent("resize")] == [(ZONE, 6)]
+    status = group.status()
+    assert (status.target, status.running) == (6, 0)
+    assert status.zones[0].out_of_stock == 4
+    assert any("ZONE_RESOURCE_POOL_EXHAUSTED" in e for e in status.zones[0].errors)
+
+    compute.boot()
+    compute.calls.clear()
+    scaler.step(24, set())                             # next step: 4 move to zone b
+    (delete,) = compute.sent("delete_instances")
+    assert delete["zone"] == ZONE and len(
+        delete["instance_group_managers_delete_instances_request_resource"]["instances"]) == 4
+    assert [m["zone"] for m in compute.sent("insert")] == ["us-central1-b"]
+    assert [(r["zone"], r["size"]) for r in compute.sent("resize")] == [("us-central1-b", 4)]
+    assert len(compute.running(ZONE)) == 2
+
+    compute.boot()
+    scaler.step(24, set())                             # b ran 1: 3 move on to zone c
+    compute.boot()
+    scaler.step(24, set())                             # c is the last: it keeps retrying
+    status = group.status()
+    assert [(z.zone, z.target, z.running, z.out_of_stock) for z in status.zones] == [
+        (ZONE, 2, 2, 0), ("us-central1-b", 1, 1, 0), ("us-central1-c", 3, 0, 3)]
+    assert (status.target, status.running, group.size()) == (6, 3, 6)
+    assert str(status).startswith("3 of 6 running")
+
+    compute.calls.clear()                              # growth avoids the stocked-out zone c
+    compute.capacity[ZONE] = 10                        # ... and tries the primary again
+    scaler.step(32, set())
+    assert [(r["zone"], r["size"]) for r in compute.sent("resize")] == [(ZONE, 4)]
+
+    compute.boot()
+    busy = set(compute.running("us-central1-b"))
+    compute.calls.clear()
+    scaler.step(8, busy)                               # 2: the 3 failing VMs in c go first,
+    deleted = {r["zone"]: len(r["instance_group_managers_delete_instances_request_resource"]
+                              ["instances"]) for r in compute.sent("delete_instances")}
+    assert deleted == {"us-central1-c": 3, ZONE: 3}    # then idle ones; b's VM is busy
+    assert group.size() == 2 and compute.names("us-central1-b") == list(busy)
+
+
+def test_growth_skips_a_zone_that_just_stocked_out():
+    compute = Compute(capacity={ZONE: 0})
+    group = make_group(compute, zones=["us-central1-b"])
+    group.resize(2, set())
+    compute.calls.clear()
+    group.resize(5, set())                             # 2 spill, 3 new: all to zone b
+    assert [(r["zone"], r["size"]) for r in compute.sent("resize")] == [("us-central1-b", 5)]
+    assert group.status().zones[0].target == 0
+
+
+def test_single_zone_keeps_retrying_a_stockout():
+    compute = Compute(capacity={ZONE: 1})
+    group = make_group(compute)
+    group.resize(3, set())
+    compute.calls.clear()
+    group.resize(3, set())
+    assert compute.mutations() == []                   # nowhere to go: the MIG retries
+    assert group.status().zones[0].out_of_stock == 2
+
+
+def test_failed_operation_raises():
+    compute = Compute()
+    group = make_group(compute)
+    group.resize(1, set())
+    compute.fail_next["resize"] = (403, "Quota 'NVIDIA_T4_GPUS' exceeded. Limit: 1.0")
+    with pytest.raises(exceptions.Forbidden, match="NVIDIA_T4_GPUS"):
+        group.resize(4, set())
+
+
+def test_close_deletes_the_migs_and_keeps_templates():
+    compute = Compute(capacity={ZONE: 1})
+    group = make_group(compute, zones=["us-central1-b", "us-central1-c"])
+    group.resize(3, set())
+    group.resize(3, set())                             # spills into zone b
+    assert set(compute.migs) == {ZONE, "us-central1-b"}
+    compute.calls.clear()
+    group.close()
+    zones = [ZONE, "us-central1-b", "us-central1-c"]
+    assert sorted(r["zone"] for r in compute.sent("delete")) == zones  # c: NotFound, fine
+    assert all(r["instance_group_manager"] == NAME for r in compute.sent("delete"))
+    assert compute.migs == {} and len(compute.templates) == 1
+    assert group.size() == 0
+    group.close()                                      # idempotent: nothing left
+    assert len(compute.sent("delete")) == 6 and compute.migs == {}
+
+
+def test_import_is_lazy_and_open_group_routes_by_url():
+    code = ("import sys, voxflow.groups.gce, voxflow.groups; "
+            "g = voxflow.groups.open_group("
+            f"{URL!r}, 'q', 'inference', gce=voxflow.config.GceConfig(image='i'), "
+            "log_dir='/x', capacity=3, state_dir='/y', lease_seconds=5); "
+            "assert 'google.cloud.compute_v1' not in sys.modules, 'imported'; "
+            "assert (g.project, g.zone, g.name, g.lease_seconds) == "
+            f"({PROJECT!r}, {ZONE!r}, {NAME!r}, 5)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(ValueError, match="gce settings"):
+        open_group(URL, QUEUE, "inference")
+    local = open_group("local://0", QUEUE, "blend", gce=gce_config())
+    assert local is None                               # local ignores gce=
+
+
+# -- config --------------------------------------------------------------------------------
+
+BASE = {"input": "gs://b/in", "output": "gs://b/out",
+        "model": {"path": "m.pt", "input_patch": [8, 8, 8], "output_channels": 1}}
+
+
+def inference(group: dict) -> dict:
+    return {**BASE, "workers": {"inference": group}}
+
+
+def refused(data: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    return exc.value
+
+
+def test_config_accepts_a_gce_group():
+    cfg = parse_config(inference({"group": URL, "max": 8, "gce": {
+        "image": IMAGE, "accelerator_type": "nvidia-l4", "machine_type": "g2-standard-8",
+        "zones": ["us-central1-b", "us-central1-c"]}}))
+    group = cfg.workers.inference
+    assert (group.group, group.max, group.min) == (URL, 8, 0)
+    assert group.gce.zones == ["us-central1-b", "us-central1-c"]
+    assert (group.gce.spot, group.gce.disk_gb, group.gce.accelerator_count) == (True, 100, 1)
+    assert cfg.workers.blend.gce is None                       # local groups need none
+    g = GceGroup.from_url(group.group, QUEUE, "inference", group.gce)
+    assert g.zones == [ZONE, "us-central1-b", "us-central1-c"]
+
+
+@pytest.mark.parametrize("group, field, words", [
+    ({"group": URL, "max": 4, "gce": {"machine_type": "n1-standard-4"}},
+     "workers.inference.gce.image", "required"),
+    ({"group": URL, "max": 4}, "workers.inference.gce", "required"),
+    ({"group": URL, "gce": {"image": IMAGE}}, "workers.inference.max", "required"),
+    ({"group": URL, "max": 4, "gce": {"image": IMAGE, "zones": ["us-east1-b"]}},
+     "workers.inference.gce.zones", "not in region us-central1"),
+    ({"group": URL, "max": 4, "gce": {"image": IMAGE, "zones": [ZONE]}},
+     "workers.inference.gce.zones", "own zone"),
+    ({"group": URL, "max": 4, "gce": {"image": IMAGE, "zones": ["central"]}},
+     "workers.inference.gce.zones", "not a zone"),
+    ({"group": "gce://Vox_Proj/us-central1-a/g", "max": 4, "gce": {"image": IMAGE}},
+     "workers.inference.group", "project id"),
+    ({"group": "gce://vox-proj/uscentral1/g", "max": 4, "gce": {"image": IMAGE}},
+     "workers.inference.group", "not a zone"),
+    ({"group": "gce://vox-proj/us-central1-a/GPU_group", "max": 4, "gce": {"image": IMAGE}},
+     "workers.inference.group", "group name"),
+    ({"group": f"gce://vox-proj/us-central1-a/{'g' * 55}", "max": 4, "gce": {"image": IMAGE}},
+     "workers.inference.group", "group name"),
+    ({"group": "gce://vox-proj/us-central1-a", "max": 4, "gce": {"image": IMAGE}},
+     "workers.inference.group", "gce://PROJECT/ZONE/GROUP"),
+    ({"group": URL, "max": 4, "gce": {"image": IMAGE, "service_account": "nobody"}},
+     "workers.inference.gce.service_account", "email"),
+])
+def test_config_refusals_name_the_field(group, field, words):
+    error = refused(inference(group))
+    assert error.field == field and words in str(error) and str(error).startswith(field)
+
+
+def test_gce_config_in_a_cpu_group_and_max_bounds():
+    cfg = parse_config({**BASE, "workers": {"downsample": {
+        "group": "gce://vox-proj/europe-west4-b/vox-cpu", "max": 100, "min": 2,
+        "gce": {"image": "voxflow/worker-cpu:1", "zones": ["europe-west4-a"]}}}})
+    assert cfg.workers.downsample.max == 100                   # no local capacity bound
+    error = refused({**BASE, "workers": {"downsample": {
+        "group": "gce://vox-proj/europe-west4-b/vox-cpu", "max": 1, "min": 2,
+        "gce": {"image": "voxflow/worker-cpu:1"}}}})
+    assert error.field == "workers.downsample" and "min 2 exceeds max 1" in str(error)

@@ -1,0 +1,475 @@
+"""`gce://PROJECT/ZONE/GROUP`: a Compute Engine managed instance group (MIG) of Spot VMs.
+
+Each VM runs one worker container, `voxflow worker QUEUE --kind KIND --worker-id NAME`, where
+NAME is the VM's instance name; so the `busy` worker ids the queue reports are VM names.
+
+Why it is built this way:
+
+- **One instance template per distinct body**, named `GROUP-<8 hex of sha256(properties)>`.
+  An unchanged config finds its template and reuses it (no insert); any change (image, machine,
+  GPU, queue URL, kind, ...) hashes to a new name, so templates are immutable as Compute
+  Engine wants them, and a group never runs a template that differs from its config. Templates
+  are kept after `close()`: they cost nothing, the next run of the same config reuses them,
+  and a template still referenced by a MIG elsewhere could not be deleted anyway. Prune old
+  ones with `gcloud compute instance-templates list --filter="name~^GROUP-"`.
+- **The template**: the machine type; a boot disk from a Deep Learning VM image (NVIDIA
+  driver, Docker and the NVIDIA container toolkit; `GPU_BOOT_IMAGE`) for GPU groups,
+  Container-Optimized OS (`CPU_BOOT_IMAGE`, Docker built in) for CPU groups, either
+  overridable with `gce.boot_image`; the accelerators, with `onHostMaintenance=TERMINATE` as
+  GPUs require (they cannot live-migrate); Spot provisioning with
+  `instanceTerminationAction=DELETE` (a preempted VM is deleted and the MIG recreates it when
+  capacity returns, so no stopped disks linger); the workers' service account with the
+  `cloud-platform` scope (access is then governed by IAM roles alone); labels `voxflow-kind`
+  and `voxflow-group`; metadata holding only the startup and shutdown scripts, never a secret
+  (credentials come from the service account through the metadata server).
+- **The startup script** writes a systemd unit that runs the container (`--gpus all` on GPU
+  groups) with `Restart=always`, so a worker that exits or crashes is restarted, and whose
+  stop is `docker stop --time 25`: the worker releases its leases on SIGTERM, within the 30 s
+  a Spot preemption gives. A `shutdown-script` runs the same `docker stop`, so preemption,
+  a MIG deleting the VM and a plain shutdown all release leases at once.
+- **The MIG** is created in ZONE from the template if missing (target 0, then resized), or
+  reused; when the template changed, `setInstanceTemplate` switches it with the default
+  opportunistic update policy: VMs already running keep their template (no busy worker is
+  recreated), new ones use the new template. Groups are deleted when a stage ends, so a
+  changed config normally meets a group with no VMs at all.
+- **`resize(target, busy)`** (stateless: every call reads the MIGs, so any Airflow task may
+  open the same group): growing calls `resize` on the MIG. Shrinking first lowers targets
+  that no listed VM backs yet, then deletes *idle* VMs with `deleteInstances` (which also
+  lowers the target), VMs not yet running first and fallback zones first; VMs whose worker
+  holds a lease (`busy`) are never picked, exactly like the local backend: a later autoscaler
+  step removes them once idle. A deleted VM's worker still gets SIGTERM (shutdown script),
+  so even a race with a lease just taken only redelivers that task. Resizing to 0 (the stage
+  drained) is a plain `resize(0)`.
+- **Zone spreading on stockouts.** `gce.zones` lists fallback zones of the same region, in
+  order: zones = [ZONE] + fallbacks, each with a MIG named GROUP (zonal MIG names are per
+  zone; the template is global). On every `resize`, VMs that a zone's MIG keeps failing to
+  create with a stockout (`ZONE_RESOURCE_POOL_EXHAUSTED[_WITH_DETAILS]` in the managed
+  instance's `lastAttempt` errors) are deleted there and their count is added to the next
+  zone's MIG: the shortfall moves down the chain, one zone per autoscaler step. Growth goes to
+  the first zone that reported no stockout in this step. The last zone keeps its failing VMs
+  (the MIG retries until capacity returns). Nothing moves back: VMs that run stay where they
+  run; a later growth tries the primary zone again. Quota errors are not stockouts (quota is
+  regional) and are reported by `status()`, not spread. (A regional MIG with a distribution
+  policy would spread by itself, but chooses zones on its own; the URL names a zone, and this
+  chain keeps every VM in it while it has capacity, with a behaviour the tests pin.)
+- **`size()`** is the sum of the MIGs' target sizes (VMs running or starting); `status()`
+  gives target vs actually running per zone, with stockouts and other creation errors, for
+  operators to report.
+- **`close()`** deletes the MIGs (which deletes their VMs; each worker gets SIGTERM through
+  the shutdown script) and waits for the deletions.
+- google-cloud-compute is imported only when a client is first needed, never at import of
+  this module (so never at Airflow DAG parse time); tests inject fake clients.
+"""
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..config import GceConfig, gce_region, parse_gce_url
+
+GPU_BOOT_IMAGE = ("projects/deeplearning-platform-release/global/images/family/"
+                  "common-cu128-ubuntu-2204-nvidia-570")
+CPU_BOOT_IMAGE = "projects/cos-cloud/global/images/family/cos-stable"
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+STOCKOUT_CODES = frozenset({"ZONE_RESOURCE_POOL_EXHAUSTED",
+                            "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"})
+CREATING = frozenset({"CREATING", "CREATING_WITHOUT_RETRIES", "RECREATING"})
+GOING = frozenset({"DELETING", "ABANDONING"})
+CONTAINER = "voxflow-worker"
+STOP_SECONDS = 25                 # Spot preemption gives 30 s from notice to power-off
+OPERATION_TIMEOUT = 600.0
+
+
+def _compute():
+    from google.cloud import compute_v1
+    return compute_v1
+
+
+def _api_errors():
+    from google.api_core import exceptions
+    return exceptions
+
+
+def _last(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _stocked_out(mi) -> bool:
+    """A managed instance the MIG keeps failing to create because the zone lacks capacity."""
+    if mi.current_action not in CREATING:
+        return False
+    return any(e.code in STOCKOUT_CODES for e in mi.last_attempt.errors.errors)
+
+
+def _running(mi) -> bool:
+    return mi.current_action == "NONE" and mi.instance_status == "RUNNING"
+
+
+@dataclass
+class ZoneStatus:
+    zone: str
+    target: int
+    running: int
+    starting: int
+    out_of_stock: int
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GroupStatus:
+    """Target vs actual: `target` VMs asked for, `running` of them up and serving."""
+
+    target: int
+    running: int
+    zones: list[ZoneStatus]
+
+    def __str__(self) -> str:
+        parts = [f"{z.zone} {z.running}/{z.target}"
+                 + (f" ({z.out_of_stock} out of stock)" if z.out_of_stock else "")
+                 for z in self.zones if z.target or z.running]
+        return f"{self.running} of {self.target} running" + (
+            f": {', '.join(parts)}" if parts else "")
+
+
+@dataclass
+class _Zone:
+    zone: str
+    mig: Any = None                                  # compute_v1.InstanceGroupManager
+    instances: list = field(default_factory=list)    # compute_v1.ManagedInstance
+
+    @property
+    def target(self) -> int:
+        return int(self.mig.target_size) if self.mig is not None else 0
+
+    @property
+    def live(self) -> list:
+        return [mi for mi in self.instances if mi.current_action not in GOING]
+
+
+class GceGroup:
+    """A WorkerGroup of Compute Engine VMs: a MIG named `name` in `zone` (+ fallback zones)."""
+
+    def __init__(self, project: str, zone: str, name: str, queue_url: str, kind: str,
+                 gce: GceConfig, lease_seconds: Optional[float] = None, *,
+                 templates_client: Any = None, managers_client: Any = None,
+                 operation_timeout: float = OPERATION_TIMEOUT):
+        self.project, self.zone, self.name = project, zone, name
+        self.queue_url, self.kind, self.gce = queue_url, kind, gce
+        self.lease_seconds = lease_seconds
+        self.zones = [zone] + [z for z in gce.zones if z != zone]
+        self.operation_timeout = operation_timeout
+        self._templates = templates_client
+        self._managers = managers_client
+        self._template_ready: Optional[str] = None
+
+    @classmethod
+    def from_url(cls, url: str, queue_url: str, kind: str, gce: GceConfig,
+                 **kwargs) -> "GceGroup":
+        project, zone, name = parse_gce_url(url)
+        return cls(project, zone, name, queue_url, kind, gce, **kwargs)
+
+    # -- clients (lazy) ---------------------------------------------------------------------
+
+    @property
+    def templates(self):
+        if self._templates is None:
+            self._templates = _compute().InstanceTemplatesClient()
+        return self._templates
+
+    @property
+    def managers(self):
+        if self._managers is None:
+            self._managers = _compute().InstanceGroupManagersClient()
+        return self._managers
+
+    def _wait(self, operations: list) -> None:
+        """Wait for operations (ExtendedOperation); a failed one raises its API error."""
+        for op in operations:
+            op.result(timeout=self.operation_timeout)
+
+    # -- the template -----------------------------------------------------------------------
+
+    @property
+    def gpu(self) -> bool:
+        return bool(self.gce.accelerator_type)
+
+    def worker_command(self) -> list[str]:
+        """The container's command, without the worker id (the VM's name, known at boot)."""
+        cmd = ["voxflow", "worker", self.queue_url, "--kind", self.kind]
+        if self.lease_seconds:
+            cmd += ["--lease-seconds", f"{self.lease_seconds:g}"]
+        return cmd
+
+    def startup_script(self) -> str:
+        image = shlex.quote(self.gce.image)
+        gpus = "--gpus all " if self.gpu else ""
+        command = " ".join(shlex.quote(a) for a in self.worker_command())
+        wait_gpu = ("# The Deep Learning VM image may install the NVIDIA driver on first boot.\n"
+                    "until nvidia-smi >/dev/null 2>&1; do sleep 5; done\n") if self.gpu else ""
+        return f"""#!/bin/bash
+# voxflow {self.kind} worker VM of gce://{self.project}/{self.zone}/{self.name}.
+# No secrets here: the worker authenticates as the VM's service account.
+export HOME=/var/lib/voxflow
+mkdir -p "$HOME"
+registry={image}
+registry="${{registry%%/*}}"
+case "$registry" in
+  *.pkg.dev|gcr.io|*.gcr.io)
+    if command -v docker-credential-gcr >/dev/null; then
+      docker-credential-gcr configure-docker --registries="$registry"
+    else
+      gcloud auth configure-docker "$registry" --quiet
+    fi ;;
+esac
+cat > "$HOME/run-worker.sh" <<'VOXFLOW_WORKER'
+#!/bin/bash
+{wait_gpu}name=$(curl -sf -H 'Metadata-Flavor: Google' \\
+  http://metadata.google.internal/computeMetadata/v1/instance/name || hostname -s)
+exec docker run --rm --name {CONTAINER} {gpus}{image} {command} --worker-id "$name"
+VOXFLOW_WORKER
+cat > /etc/systemd/system/{CONTAINER}.service <<'VOXFLOW_UNIT'
+[Unit]
+Description=voxflow worker
+Requires=docker.service
+After=docker.service network-online.target
+StartLimitIntervalSec=0
+
+[Service]
+Environment=HOME=/var/lib/voxflow
+ExecStartPre=-/usr/bin/docker rm -f {CONTAINER}
+ExecStart=/bin/bash /var/lib/voxflow/run-worker.sh
+ExecStop=/usr/bin/docker stop --time {STOP_SECONDS} {CONTAINER}
+TimeoutStopSec={STOP_SECONDS + 5}
+Restart=always
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+VOXFLOW_UNIT
+systemctl daemon-reload
+systemctl enable --now {CONTAINER}.service
+"""
+
+    def shutdown_script(self) -> str:
+        return (f"#!/bin/bash\n# Spot preemption or deletion: SIGTERM, the worker releases "
+                f"its leases.\ndocker stop --time {STOP_SECONDS} {CONTAINER} || true\n")
+
+    def _network(self, value: str, scope: str) -> str:
+        if value.startswith(("projects/", "https://")):
+            return value
+        if "/" not in value:
+            value = f"{scope}/{value}"
+        return f"projects/{self.project}/{value}"
+
+    def template_properties(self):
+        """The instance template's body (`compute_v1.InstanceProperties`)."""
+        c, g = _compute(), self.gce
+        boot = g.boot_image or (GPU_BOOT_IMAGE if self.gpu else CPU_BOOT_IMAGE)
+        nic = c.NetworkInterface(network=self._network(g.network, "global/networks"))
+        if g.subnetwork:
+            nic.subnetwork = self._network(
+                g.subnetwork, f"regions/{gce_region(self.zone)}/subnetworks")
+        if g.external_ip:
+            nic.access_configs = [c.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
+        scheduling = c.Scheduling()
+        if g.spot:
+            scheduling.provisioning_model = "SPOT"
+            scheduling.instance_termination_action = "DELETE"
+            scheduling.automatic_restart = False
+        if self.gpu or g.spot:
+            scheduling.on_host_maintenance = "TERMINATE"
+        metadata = [("startup-script", self.startup_script()),
+                    ("shutdown-script", self.shutdown_script()),
+                    ("google-logging-enabled", "true")]
+        if self.gpu:
+            metadata.append(("install-nvidia-driver", "True"))
+        props = c.InstanceProperties(
+            machine_type=g.machine_type,
+            disks=[c.AttachedDisk(boot=True, auto_delete=True, type_="PERSISTENT",
+                                  initialize_params=c.AttachedDiskInitializeParams(
+                                      source_image=boot, disk_size_gb=g.disk_gb,
+                                      disk_type="pd-balanced"))],
+            network_interfaces=[nic],
+            scheduling=scheduling,
+            service_accounts=[c.ServiceAccount(email=g.service_account or "default",
+                                               scopes=[SCOPE])],
+            labels={"voxflow-kind": self.kind, "voxflow-group": self.name},
+            metadata=c.Metadata(items=[c.Items(key=k, value=v) for k, v in metadata]),
+        )
+        if self.gpu:
+            props.guest_accelerators = [c.AcceleratorConfig(
+                accelerator_type=g.accelerator_type, accelerator_count=g.accelerator_count)]
+        return props
+
+    def template_name(self) -> str:
+        body = _compute().InstanceProperties.to_json(self.template_properties(),
+                                                     sort_keys=True, indent=0)
+        return f"{self.name}-{hashlib.sha256(body.encode()).hexdigest()[:8]}"
+
+    def ensure_template(self) -> str:
+        """The template's name; inserted unless a template of that name (body) exists."""
+        if self._template_ready:
+            return self._template_ready
+        c, errors = _compute(), _api_errors()
+        name = self.template_name()
+        try:
+            self.templates.get(request=c.GetInstanceTemplateRequest(
+                project=self.project, instance_template=name))
+        except errors.NotFound:
+            template = c.InstanceTemplate(
+                name=name, properties=self.template_properties(),
+                description=f"voxflow {self.kind} workers of gce://{self.project}/"
+                            f"{self.zone}/{self.name}")
+            try:
+                self._wait([self.templates.insert(request=c.InsertInstanceTemplateRequest(
+                    project=self.project, instance_template_resource=template))])
+            except errors.Conflict:
+                pass                              # another task inserted the same body
+        self._template_ready = name
+        return name
+
+    def _template_link(self, name: str) -> str:
+        return f"projects/{self.project}/global/instanceTemplates/{name}"
+
+    # -- the MIGs ---------------------------------------------------------------------------
+
+    def _get(self, zone: str):
+        c, errors = _compute(), _api_errors()
+        try:
+            return self.managers.get(request=c.GetInstanceGroupManagerRequest(
+                project=self.project, zone=zone, instance_group_manager=self.name))
+        except errors.NotFound:
+            return None
+
+    def _read(self) -> list[_Zone]:
+        c, out = _compute(), []
+        for zone in self.zones:
+            state = _Zone(zone, self._get(zone))
+            if state.mig is not None:
+                state.instances = list(self.managers.list_managed_instances(
+                    request=c.ListManagedInstancesInstanceGroupManagersRequest(
+                        project=self.project, zone=zone, instance_group_manager=self.name)))
+            out.append(state)
+        return out
+
+    def _create(self, zone: str, template: str) -> None:
+        c, errors = _compute(), _api_errors()
+        mig = c.InstanceGroupManager(
+            name=self.name, base_instance_name=self.name,
+            instance_template=self._template_link(template), target_size=0,
+            update_policy=c.InstanceGroupManagerUpdatePolicy(type_="OPPORTUNISTIC"),
+            description=f"voxflow {self.kind} workers of gce://{self.project}/{self.zone}/"
+                        f"{self.name}")
+        try:
+            self._wait([self.managers.insert(request=c.InsertInstanceGroupManagerRequest(
+                project=self.project, zone=zone, instance_group_manager_resource=mig))])
+        except errors.Conflict:
+            pass                                  # created meanwhile by another task
+
+    def _set_template(self, zone: str, template: str):
+        c = _compute()
+        return self.managers.set_instance_template(
+            request=c.SetInstanceTemplateInstanceGroupManagerRequest(
+                project=self.project, zone=zone, instance_group_manager=self.name,
+                instance_group_managers_set_instance_template_request_resource=(
+                    c.InstanceGroupManagersSetInstanceTemplateRequest(
+                        instance_template=self._template_link(template)))))
+
+    def _resize(self, zone: str, size: int):
+        c = _compute()
+        return self.managers.resize(request=c.ResizeInstanceGroupManagerRequest(
+            project=self.project, zone=zone, instance_group_manager=self.name, size=size))
+
+    def _delete_instances(self, zone: str, instances: list):
+        c = _compute()
+        return self.managers.delete_instances(
+            request=c.DeleteInstancesInstanceGroupManagerRequest(
+                project=self.project, zone=zone, instance_group_manager=self.name,
+                instance_group_managers_delete_instances_request_resource=(
+                    c.InstanceGroupManagersDeleteInstancesRequest(
+                        instances=[mi.instance for mi in instances],
+                        skip_instances_on_validation_error=True))))
+
+    # -- WorkerGroup ------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """VMs asked for: the sum of the MIGs' target sizes (running or starting)."""
+        return sum(int(m.target_size) for m in map(self._get, self.zones) if m is not None)
+
+    def status(self) -> GroupStatus:
+        """Target vs actual, per zone, with stockouts and other creation errors."""
+        zones = []
+        for z in self._read():
+            errors = sorted({f"{e.code}: {e.message}" for mi in z.live
+                             if mi.current_action in CREATING
+                             for e in mi.last_attempt.errors.errors})
+            zones.append(ZoneStatus(
+                zone=z.zone, target=z.target, running=sum(map(_running, z.live)),
+                starting=sum(mi.current_action in CREATING for mi in z.live),
+                out_of_stock=sum(map(_stocked_out, z.live)), errors=errors))
+        return GroupStatus(sum(z.target for z in zones), sum(z.running for z in zones), zones)
+
+    def resize(self, target: int, busy: set[str]) -> None:
+        """Grow to `target` VMs, or shrink by deleting idle ones; move stockouts on."""
+        target = max(0, int(target))
+        zones = self._read()
+        if target == 0:                                  # drained: nothing is busy
+            self._wait([self._resize(z.zone, 0) for z in zones if z.target])
+            return
+        template = self.ensure_template()
+        ops = [self._set_template(z.zone, template) for z in zones
+               if z.mig is not None and _last(z.mig.instance_template) != template]
+        want = {z.zone: z.target for z in zones}
+        doomed: dict[str, list] = {z.zone: [] for z in zones}
+        out_of_stock = set()
+        for i, z in enumerate(zones):                    # 1. stockouts move down the chain
+            stuck = [mi for mi in z.live if _stocked_out(mi)]
+            if stuck:
+                out_of_stock.add(z.zone)
+            if stuck and i + 1 < len(zones):
+                doomed[z.zone] += stuck
+                want[z.zone] -= len(stuck)
+                want[zones[i + 1].zone] += len(stuck)
+        total = sum(want.values())
+        if target > total:                               # 2. grow where there was stock
+            first = next((z.zone for z in zones if z.zone not in out_of_stock),
+                         zones[-1].zone)
+            want[first] += target - total
+        elif target < total:                             # 3. shrink
+            excess = total - target
+            for z in reversed(zones):                    # a. targets no listed VM backs
+                unbacked = want[z.zone] - (len(z.live) - len(doomed[z.zone]))
+                cut = min(max(unbacked, 0), excess)
+                want[z.zone] -= cut
+                excess -= cut
+            order = {z.zone: i for i, z in enumerate(zones)}
+            gone = {mi.name for mis in doomed.values() for mi in mis}
+            idle = sorted(((z.zone, mi) for z in zones for mi in z.live
+                           if mi.name not in gone and mi.name not in busy),
+                          key=lambda t: (_running(t[1]), -order[t[0]], t[1].name))
+            for zone, mi in idle[:excess]:               # b. idle VMs, not running first
+                doomed[zone].append(mi)
+                want[zone] -= 1
+        for z in zones:
+            if doomed[z.zone]:
+                ops.append(self._delete_instances(z.zone, doomed[z.zone]))
+            if want[z.zone] != z.target - len(doomed[z.zone]):
+                if z.mig is None:
+                    self._create(z.zone, template)
+                ops.append(self._resize(z.zone, want[z.zone]))
+        self._wait(ops)
+
+    def close(self) -> None:
+        """Delete the MIGs (their VMs get SIGTERM through the shutdown script); templates
+        are kept for the next run."""
+        c, errors = _compute(), _api_errors()
+        ops = []
+        for zone in self.zones:
+            try:
+                ops.append(self.managers.delete(request=c.DeleteInstanceGroupManagerRequest(
+                    project=self.project, zone=zone, instance_group_manager=self.name)))
+            except errors.NotFound:
+                pass
+        self._wait(ops)
