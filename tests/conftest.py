@@ -135,3 +135,4 @@ def chaos(step: Callable[[threading.Event], None]) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+from gcs_emulator import gcs  # noqa: E402,F401  (GCS emulator fixture)

@@ -11,6 +11,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError
+from cloudvolume.paths import ALLOWED_FORMATS
 
 from .geometry import Box, Vec3, vec3
 
@@ -23,9 +24,17 @@ class LayerNotFound(FileNotFoundError):
     """No precomputed layer (no readable `info`) at a path."""
 
 
+def _precomputed(url: str) -> str:
+    """The URL with an explicit `precomputed://` format. Without one, cloud-volume probes a
+    layer without an `info` for a zarr layer too, with `exists` calls that are GCS batch
+    requests on gs://: a GCS emulator has no batch API, and cloud-files retries them for
+    about 15 s before the missing layer is reported."""
+    return url if url.split("://", 1)[0] in ALLOWED_FORMATS else "precomputed://" + url
+
+
 def _open(url: str, mip: int, **kwargs) -> CloudVolume:
-    return CloudVolume(url, mip=mip, fill_missing=True, bounded=False, progress=False,
-                       non_aligned_writes=True, **kwargs)
+    return CloudVolume(_precomputed(url), mip=mip, fill_missing=True, bounded=False,
+                       progress=False, non_aligned_writes=True, **kwargs)
 
 
 class Volume:
