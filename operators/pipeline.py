@@ -211,6 +211,7 @@ class FinalizeOperator(BaseOperator):
         queue = open_queue(config.queue.url)
         try:
             stages = {n: vars(s) for n, s in queue.stats(run).items()}
+            queue.finish(run)
         finally:
             queue.close()
         seconds = time.time() - info["started"]

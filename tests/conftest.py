@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -136,3 +137,15 @@ def chaos(step: Callable[[threading.Event], None]) -> Iterator[None]:
         stop.set()
         thread.join()
 from gcs_emulator import gcs  # noqa: E402,F401  (GCS emulator fixture)
+
+
+def queue_url_for(backend: str, tmp_path, request) -> str:
+    """A fresh queue URL on `backend`: a SQLite file, or Pub/Sub (the emulator, a unique topic
+    prefix, the ledger on disk)."""
+    if backend == "sqlite":
+        return f"sqlite://{tmp_path}/queue.db"
+    request.getfixturevalue("pubsub")
+    return f"pubsub://test-project/t{uuid.uuid4().hex[:8]}?ledger=file://{tmp_path}/ledger"
+
+
+from pubsub_emulator import pubsub  # noqa: E402,F401  (Pub/Sub emulator fixture)

@@ -1,5 +1,9 @@
-"""TaskQueue behaviour, run against every backend available here (today: SQLite)."""
+"""TaskQueue behaviour, one suite run against every backend: SQLite, and Pub/Sub through an
+emulator on 127.0.0.1 (tests/pubsub_emulator.py) with its ledger on a local disk.
+
+Pub/Sub deadlines are whole seconds, so lease times here are too."""
 import multiprocessing as mp
+import random
 import time
 
 import pytest
@@ -7,11 +11,14 @@ import pytest
 from voxflow.geometry import Box
 from voxflow.messages import MalformedMessage, decode, encode
 from voxflow.queues import open_queue
+from voxflow.queues.pubsub import Ranges
+
+from conftest import queue_url_for
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "pubsub"])
 def queue_url(request, tmp_path):
-    return f"sqlite://{tmp_path}/queue.db"
+    return queue_url_for(request.param, tmp_path, request)
 
 
 @pytest.fixture
@@ -47,9 +54,9 @@ def test_pull_leases_distinct_tasks(queue):
 
 def test_expired_lease_is_redelivered_and_extend_keeps_it(queue):
     _publish(queue, 2)
-    a, b = queue.pull(None, 2, "w1", lease_seconds=0.3)
+    a, b = queue.pull(None, 2, "w1", lease_seconds=1)
     assert queue.extend(a, 5.0)
-    time.sleep(0.4)
+    time.sleep(1.3)
     again = queue.pull(None, 5, "w2")
     assert [l.index for l in again] == [b.index] and again[0].attempt == 2
     assert not queue.extend(b)                        # b's lease was lost to w2
@@ -97,8 +104,8 @@ def test_lost_worker_counts_as_attempt(queue):
     """A task whose worker dies every time (lease expires) still ends in dead letters."""
     _publish(queue, 1)
     for _ in range(3):
-        assert len(queue.pull(None, 1, "w", lease_seconds=0.05)) == 1
-        time.sleep(0.1)
+        assert len(queue.pull(None, 1, "w", lease_seconds=1)) == 1
+        time.sleep(1.2)
     assert queue.pull(None, 1, "w") == []
     (dead,) = queue.dead_letters("run-a")
     assert "lease expired 3 times" in dead.error
@@ -166,3 +173,17 @@ def test_messages_round_trip_and_refuse_garbage():
                 body[:-1] + ',"exec":"rm -rf /"}'):
         with pytest.raises(MalformedMessage):
             decode(bad)
+
+
+def test_ranges_hold_any_set_of_indices():
+    """The Pub/Sub stage record keeps published indices as ranges; any insertion order."""
+    rng = random.Random(0)
+    for _ in range(200):
+        ranges, reference = Ranges([]), set()
+        for _ in range(60):
+            i = rng.randrange(40)
+            ranges.add(i)
+            reference.add(i)
+        assert ranges.total == len(reference)
+        assert all((i in ranges) == (i in reference) for i in range(-2, 45))
+        assert all(a[1] < b[0] for a, b in zip(ranges.ranges, ranges.ranges[1:]))

@@ -16,7 +16,7 @@ from voxflow.pipeline import create_layers, plan
 from voxflow.queues import open_queue
 from voxflow.runner import publish_stage
 
-from conftest import make_layer, write_config
+from conftest import make_layer, queue_url_for, write_config
 
 SLOW_MODEL = '''
 import time
@@ -57,11 +57,12 @@ def _worker(queue_url, wid, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_releases_lease_at_once_and_exits(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "pubsub"])
+def test_sigterm_releases_lease_at_once_and_exits(tmp_path, backend, request):
     img = (np.random.default_rng(0).random((1, 8, 32, 32)) * 200).astype(np.uint8)
     make_layer(tmp_path / "img", img, chunk=(16, 16, 4))
     (tmp_path / "slow.py").write_text(SLOW_MODEL)
-    queue_url = f"sqlite://{tmp_path}/q.db"
+    queue_url = queue_url_for(backend, tmp_path, request)
     cfg_path = write_config(tmp_path / "run.yaml", input="img", output="out",
                             model={"path": "slow.py", "input_patch": [16, 16, 4],
                                    "output_channels": 1},
@@ -101,12 +102,13 @@ def test_sigterm_releases_lease_at_once_and_exits(tmp_path):
     assert q.dead_letters("slow") == []
 
 
-def test_poison_and_malformed_tasks_end_dead_and_run_fails(tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["sqlite", "pubsub"])
+def test_poison_and_malformed_tasks_end_dead_and_run_fails(tmp_path, capsys, backend, request):
     img = (np.random.default_rng(1).random((1, 16, 64, 96)) * 200).astype(np.uint8)
     img[0, 12, 48, 80] = 255                          # centre of chunk (2, 1, 1): index 11
     make_layer(tmp_path / "img", img, chunk=(16, 16, 4))
     (tmp_path / "poison.py").write_text(POISON_MODEL)
-    queue_url = f"sqlite://{tmp_path}/q.db"
+    queue_url = queue_url_for(backend, tmp_path, request)
     cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
                        model={"path": "poison.py", "input_patch": [16, 16, 4],
                               "output_channels": 1},

@@ -190,7 +190,10 @@ class QueueConfig(_Section):
     url: str = Field(default_factory=lambda: f"sqlite://{voxflow_home() / 'queue.db'}",
                      description="sqlite:///abs/path/queue.db, or sqlite://rel/queue.db "
                      "relative to the config's folder (embedded default: "
-                     "$VOXFLOW_HOME/queue.db, shared by runs).")
+                     "$VOXFLOW_HOME/queue.db, shared by runs); or "
+                     "pubsub://PROJECT/PREFIX?ledger=gs://bucket/path: Google Cloud Pub/Sub "
+                     "topics PREFIX-… plus a run ledger (parameters, done markers, dead "
+                     "letters) under the ledger URL.")
     lease_seconds: float = Field(60.0, gt=0, description="Visibility timeout of a pulled "
                                  "task; workers extend it while they work.")
     max_attempts: PositiveInt = Field(3, description="Deliveries before a task goes to dead "
@@ -203,7 +206,13 @@ class QueueConfig(_Section):
     def _queue_url(cls, value: str, info: ValidationInfo) -> str:
         if value.startswith("sqlite://") and len(value) > len("sqlite://"):
             return "sqlite://" + _resolve_path(value[len("sqlite://"):], info)
-        raise ValueError(f"{value!r} is not a known queue URL (sqlite:///path/queue.db)")
+        if value.startswith("pubsub://"):
+            from .queues.pubsub import PubSubURL            # no client import: parsing only
+            where = PubSubURL.parse(value)
+            ledger = _as_layer_url(where.ledger, info)      # a local path: relative to config
+            return f"pubsub://{where.project}/{where.prefix}?ledger={ledger}"
+        raise ValueError(f"{value!r} is not a known queue URL (sqlite:///path/queue.db or "
+                         "pubsub://PROJECT/PREFIX?ledger=gs://bucket/path)")
 
 
 _GCE_PROJECT = re.compile(r"(?:[a-z][-a-z0-9.]*\.[a-z]{2,}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")

@@ -87,10 +87,12 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
     if reporter:
         reporter.begin(run_id, queue.url)
     summary = RunSummary(run_id, config.output, p.bbox.size)
+    poll_seconds = max(poll_seconds, getattr(queue, "poll_seconds", 0.0))
     try:
         for name in stage_names(p):
             summary.stages.append(_run_stage(config, p, queue, run_id, name, reporter,
                                              poll_seconds))
+        queue.finish(run_id)
     finally:
         queue.close()
     if config.inference.blend == "overlap" and not config.inference.keep_temporary:

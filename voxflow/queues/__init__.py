@@ -5,7 +5,8 @@ timeout); the holder `extend`s it while working, then `ack`s (the task is record
 `nack`s (failed: retried until `max_attempts`, then dead-lettered with the error), or
 `release`s it (preempted: back at once, not counted as an attempt). A lease that expires
 counts as an attempt, so a task that kills its worker every time still ends in dead letters.
-Backends are chosen by URL: `sqlite:///path/queue.db` (embedded default).
+Backends are chosen by URL: `sqlite:///path/queue.db` (embedded default) and
+`pubsub://PROJECT/PREFIX?ledger=URL` (Google Cloud Pub/Sub plus a run ledger in storage).
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ class TaskQueue(Protocol):
 
     def forget_run(self, run: str) -> int: ...
 
+    def finish(self, run: str) -> None:
+        """The run succeeded: free what it holds in the queue (Pub/Sub topics); records stay."""
+
     def close(self) -> None: ...
 
 
@@ -90,4 +94,8 @@ def open_queue(url: str, **options) -> TaskQueue:
     if url.startswith("sqlite://"):
         from .sqlite import SQLiteQueue
         return SQLiteQueue(url, **options)
-    raise ValueError(f"unknown queue URL {url!r} (expected sqlite:///path)")
+    if url.startswith("pubsub://"):
+        from .pubsub import PubSubQueue
+        return PubSubQueue(url, **options)
+    raise ValueError(f"unknown queue URL {url!r} (expected sqlite:///path or "
+                     "pubsub://PROJECT/PREFIX?ledger=URL)")

@@ -138,6 +138,9 @@ class SQLiteQueue:
             db.execute("DELETE FROM counts WHERE run = ?", (run,))
         return n
 
+    def finish(self, run: str) -> None:
+        """Nothing to free: the records stay for status and resume."""
+
     def runs(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT run FROM runs ORDER BY created")]

@@ -1,0 +1,602 @@
+"""`pubsub://PROJECT/PREFIX?ledger=URL`: Google Cloud Pub/Sub carries the tasks; a run
+ledger in object storage (gs://, file://) records what Pub/Sub cannot tell.
+
+Pub/Sub delivers messages at least once with an ack deadline, but keeps no per-task state a
+driver can read: no done count, no error text, no way to list dead tasks. So:
+
+- **Pub/Sub** holds the open tasks. Per run and stage: a topic and a pull subscription named
+  `PREFIX-KIND-RUN-HASH-STAGE` (created when the stage is published, deleted by `finish` /
+  `forget_run`), ack deadline = the lease; leases are extended with modify_ack_deadline and
+  released with deadline 0. Workers pull from every subscription of their kind (listed and
+  cached a few seconds). A dead-letter topic `…-dead` with a subscription is the backstop:
+  Pub/Sub forwards a message there after `max_delivery_attempts` deliveries (releases
+  included), and `stats` moves such messages into the ledger's dead letters.
+- **The ledger** (`LEDGER/runs/RUN.json`, `LEDGER/data/RUN/…`, `LEDGER/leases/KIND/RUN/…`)
+  holds the run's parameters, one done marker per finished task (idempotent under
+  redelivery: a marker is written, never counted twice), dead letters with their error and
+  body, per-task release/failure counts, and one small lease record per held task (who holds
+  it until when; how `extend` learns that a lease was lost and how `busy_workers` and
+  `leased` are known).
+
+Attempts are counted by voxflow, not by Pub/Sub's dead-letter policy: attempt = Pub/Sub's
+delivery_attempt − releases. A task whose attempt would exceed `max_attempts` (its workers
+were lost each time) and a task nacked at its last attempt go to the ledger's dead letters
+with their error, exactly like the SQLite queue. (The dead-letter policy is also what makes
+Pub/Sub fill in delivery_attempt; the test emulator fills it in regardless and ignores the
+policy.) Progress: done and dead are counted by listing the ledger (one list call per 1000
+records), so drivers poll every few seconds (`poll_seconds`).
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import random
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from . import DeadLetter, Lease, StageStats
+
+MAX_DEADLINE = 600                      # Pub/Sub's limit for an ack deadline, seconds
+LIST_CACHE_SECONDS = 5.0
+_PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_.~+-]{0,59}$")
+
+
+def run_token(run: str) -> str:
+    """The run's name in resource and object names: readable, unique, Pub/Sub-safe."""
+    safe = re.sub(r"[^A-Za-z0-9_.~+-]", "-", run)[:120]
+    return f"{safe}-{hashlib.sha1(run.encode()).hexdigest()[:8]}"
+
+
+def _seconds(value: float) -> int:
+    """Pub/Sub deadlines are whole seconds in [1, 600]: round a lease up."""
+    return max(1, min(MAX_DEADLINE, math.ceil(value)))
+
+
+def dead_letter_attempts(max_attempts: int) -> int:
+    """Pub/Sub's backstop: counts releases too, so it is set well above voxflow's limit."""
+    return max(5, min(100, 3 * max_attempts + 10))
+
+
+@dataclass(frozen=True)
+class PubSubURL:
+    project: str
+    prefix: str
+    ledger: str
+
+    @classmethod
+    def parse(cls, url: str) -> "PubSubURL":
+        parts = urlsplit(url)
+        ledger = parse_qs(parts.query).get("ledger", [""])[0]
+        prefix = parts.path.strip("/")
+        if parts.scheme != "pubsub" or not _PROJECT.match(parts.netloc):
+            raise ValueError(f"{url!r}: expected pubsub://PROJECT/PREFIX?ledger=URL with a "
+                             "Google Cloud project id")
+        if not _PREFIX.match(prefix):
+            raise ValueError(f"{url!r}: the prefix must start with a letter and use letters, "
+                             "digits and - _ . ~ + (at most 60)")
+        if not ledger:
+            raise ValueError(f"{url!r}: add ?ledger=gs://bucket/path (where the run ledger "
+                             "lives: parameters, done markers, dead letters)")
+        return cls(parts.netloc, prefix, ledger)
+
+
+class PubSubQueue:
+    """`TaskQueue` over Pub/Sub topics and subscriptions plus a storage ledger."""
+
+    poll_seconds = 2.0                  # drivers: stats cost list calls, poll no faster
+
+    def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3,
+                 pull_timeout: float = 5.0):
+        self.url = url
+        self.where = PubSubURL.parse(url)
+        from ..storage import Storage
+        self.ledger = Storage(self.where.ledger)
+        self.lease_seconds = lease_seconds
+        self.default_max_attempts = max_attempts
+        self.pull_timeout = pull_timeout
+        self._publisher = None
+        self._subscriber = None
+        self._lock = threading.Lock()
+        self._subs: tuple[float, list[str]] = (0.0, [])
+        self._runs: dict[str, dict] = {}
+
+    # -- clients and names -----------------------------------------------------------------
+    @property
+    def publisher(self):
+        if self._publisher is None:
+            from google.cloud import pubsub_v1
+            self._publisher = pubsub_v1.PublisherClient(
+                batch_settings=pubsub_v1.types.BatchSettings(max_messages=1000,
+                                                              max_latency=0.05),
+                publisher_options=pubsub_v1.types.PublisherOptions(
+                    flow_control=pubsub_v1.types.PublishFlowControl(
+                        message_limit=5_000, byte_limit=32 << 20,
+                        limit_exceeded_behavior=pubsub_v1.types.LimitExceededBehavior.BLOCK)))
+        return self._publisher
+
+    @property
+    def subscriber(self):
+        if self._subscriber is None:
+            from google.cloud import pubsub_v1
+            self._subscriber = pubsub_v1.SubscriberClient()
+        return self._subscriber
+
+    def resource(self, run: str, stage: str, kind: str) -> str:
+        """The id shared by a stage's topic and subscription."""
+        return f"{self.where.prefix}-{kind}-{run_token(run)}-{stage}"
+
+    def _topic(self, rid: str) -> str:
+        return f"projects/{self.where.project}/topics/{rid}"
+
+    def _subscription(self, rid: str) -> str:
+        return f"projects/{self.where.project}/subscriptions/{rid}"
+
+    @staticmethod
+    def _data(run: str) -> str:
+        return f"data/{run_token(run)}"
+
+    @staticmethod
+    def _lease_key(kind: str, run: str, stage: str, index: int) -> str:
+        return f"leases/{kind}/{run_token(run)}/{stage}/{index}"
+
+    # -- runs ------------------------------------------------------------------------------
+    def register_run(self, run: str, params: str, max_attempts: Optional[int] = None) -> None:
+        record = {"run": run, "params": params, "created": time.time(),
+                  "max_attempts": max_attempts or self.default_max_attempts}
+        self.ledger.put(f"runs/{run_token(run)}.json", json.dumps(record).encode())
+        self._runs[run] = record
+
+    def _run(self, run: str) -> Optional[dict]:
+        if run not in self._runs:
+            data = self.ledger.get(f"runs/{run_token(run)}.json")
+            if data is None:
+                return None
+            self._runs[run] = json.loads(data)
+        return self._runs[run]
+
+    def _attempt_limit(self, run: str) -> int:
+        record = self._run(run)
+        return record["max_attempts"] if record else self.default_max_attempts
+
+    def run_params(self, run: str) -> str:
+        record = self._run(run)
+        if record is None:
+            raise KeyError(f"run {run!r} is not registered in {self.url}")
+        return record["params"]
+
+    def runs(self) -> list[str]:
+        records = [json.loads(v) for v in self.ledger.get_many(
+            list(self.ledger.list("runs/"))).values() if v]
+        return [r["run"] for r in sorted(records, key=lambda r: r["created"])]
+
+    def _stages(self, run: str) -> dict[str, dict]:
+        prefix = f"{self._data(run)}/stages/"
+        found = self.ledger.get_many(list(self.ledger.list(prefix)))
+        return {k[len(prefix):-len(".json")]: json.loads(v) for k, v in found.items() if v}
+
+    def finish(self, run: str) -> None:
+        """Delete the run's topics and subscriptions (the ledger stays: status, resume)."""
+        from google.api_core import exceptions
+        for stage, record in self._stages(run).items():
+            rid = self.resource(run, stage, record["kind"])
+            for name in (rid, rid + "-dead"):
+                for delete, path in ((self.subscriber.delete_subscription,
+                                      {"subscription": self._subscription(name)}),
+                                     (self.publisher.delete_topic,
+                                      {"topic": self._topic(name)})):
+                    try:
+                        delete(request=path)
+                    except exceptions.NotFound:
+                        pass
+        self._subs = (0.0, [])
+
+    def forget_run(self, run: str) -> int:
+        """Delete the run's topics, subscriptions and ledger records (not its parameters)."""
+        stages = self._stages(run)
+        self.finish(run)
+        n = self.ledger.delete_prefix(self._data(run) + "/")
+        for kind in {r["kind"] for r in stages.values()}:
+            self.ledger.delete_prefix(f"leases/{kind}/{run_token(run)}/")
+        return n
+
+    # -- publishing ------------------------------------------------------------------------
+    def _ensure(self, run: str, stage: str, kind: str) -> bool:
+        """Create the stage's topics and subscriptions; True if the subscription existed."""
+        from google.api_core import exceptions
+        rid = self.resource(run, stage, kind)
+        for name in (rid + "-dead", rid):
+            try:
+                self.publisher.create_topic(request={"name": self._topic(name)})
+            except exceptions.AlreadyExists:
+                pass
+        try:
+            self.subscriber.create_subscription(request={
+                "name": self._subscription(rid + "-dead"), "topic": self._topic(rid + "-dead")})
+        except exceptions.AlreadyExists:
+            pass
+        try:                     # looked up first: emulators may not raise AlreadyExists
+            self.subscriber.get_subscription(request={"subscription": self._subscription(rid)})
+            return True
+        except exceptions.NotFound:
+            pass
+        try:
+            self.subscriber.create_subscription(request={
+                "name": self._subscription(rid), "topic": self._topic(rid),
+                "ack_deadline_seconds": max(10, _seconds(self.lease_seconds)),
+                "dead_letter_policy": {
+                    "dead_letter_topic": self._topic(rid + "-dead"),
+                    "max_delivery_attempts": dead_letter_attempts(self._attempt_limit(run))},
+                "labels": {"voxflow-kind": kind}})
+        except exceptions.AlreadyExists:
+            return True
+        self._subs = (0.0, [])
+        return False
+
+    def _finished(self, run: str, stage: str) -> set[int]:
+        """Indices of the stage that are done or dead."""
+        base = self._data(run)
+        return {int(k.rsplit("/", 1)[1]) for what in ("done", "dead")
+                for k in self.ledger.list(f"{base}/{what}/{stage}/")}
+
+    def publish(self, run: str, stage: str, kind: str,
+                messages: Iterable[tuple[int, str]], batch: int = 50_000) -> int:
+        """Publish the stage's tasks, streaming (the client's flow control bounds what is in
+        flight). Skips finished tasks and, while the subscription exists, tasks already
+        published to it. The stage record (index ranges, not indices) is saved every
+        `batch` messages once they are confirmed, so a crash re-sends at most a batch."""
+        existed = self._ensure(run, stage, kind)
+        record_key = f"{self._data(run)}/stages/{stage}.json"
+        old = json.loads(self.ledger.get(record_key) or b"{}")
+        tasks = Ranges(old.get("tasks", []))
+        queued = Ranges(old.get("queued", []) if existed else [])
+        finished = self._finished(run, stage)
+        topic = self._topic(self.resource(run, stage, kind))
+        sent = _Outstanding()
+
+        def save() -> None:
+            sent.wait()
+            self.ledger.put(record_key, json.dumps({"kind": kind, "tasks": tasks.ranges,
+                                                    "queued": queued.ranges}).encode())
+
+        for index, body in messages:
+            tasks.add(index)
+            if index in queued or index in finished:
+                continue
+            sent.add(self.publisher.publish(topic, body.encode(), run=run, stage=stage,
+                                            kind=kind, index=str(index)))
+            queued.add(index)
+            if sent.count % batch == 0:
+                save()
+        save()
+        return sent.count
+
+    # -- leasing ---------------------------------------------------------------------------
+    def _subscriptions(self, kinds: Optional[Iterable[str]]) -> list[str]:
+        listed_at, names = self._subs
+        if time.monotonic() - listed_at > LIST_CACHE_SECONDS:
+            names = [s.name for s in self.subscriber.list_subscriptions(
+                request={"project": f"projects/{self.where.project}"})
+                if s.name.rsplit("/", 1)[1].startswith(self.where.prefix + "-")
+                and not s.name.endswith("-dead")]
+            self._subs = (time.monotonic(), names)
+        if kinds is not None:
+            starts = tuple(f"{self.where.prefix}-{k}-" for k in kinds)
+            names = [n for n in names if n.rsplit("/", 1)[1].startswith(starts)]
+        return random.sample(names, len(names))     # spread workers over stages and runs
+
+    def pull(self, kinds: Optional[Iterable[str]] = None, n: int = 1, worker: str = "",
+             lease_seconds: Optional[float] = None) -> list[Lease]:
+        from google.api_core import exceptions
+        seconds = _seconds(lease_seconds or self.lease_seconds)
+        out: list[Lease] = []
+        for sub in self._subscriptions(kinds):
+            if len(out) >= n:
+                break
+            try:
+                response = self.subscriber.pull(
+                    request={"subscription": sub, "max_messages": n - len(out)},
+                    timeout=self.pull_timeout, retry=None)
+            except exceptions.NotFound:
+                self._subs = (0.0, [])
+                continue
+            except exceptions.DeadlineExceeded:
+                continue
+            for received in response.received_messages:
+                lease = self._admit(sub, received, worker, seconds)
+                if lease:
+                    out.append(lease)
+        return out
+
+    def _admit(self, sub: str, received, worker: str, seconds: int) -> Optional[Lease]:
+        """Turn one delivery into a lease, or settle it at once (done before, or dead)."""
+        attrs = received.message.attributes
+        try:
+            run, stage, kind, index = (attrs["run"], attrs["stage"], attrs["kind"],
+                                       int(attrs["index"]))
+        except (KeyError, ValueError):
+            self.subscriber.acknowledge(request={"subscription": sub,
+                                                 "ack_ids": [received.ack_id]})
+            return None                              # not a voxflow task: nothing to attribute
+        base = self._data(run)
+        done_key, state_key = f"{base}/done/{stage}/{index}", f"{base}/tasks/{stage}/{index}"
+        found = self.ledger.get_many([done_key, state_key])
+        ack_id = received.ack_id
+        if found[done_key] is not None:              # a redelivery of a finished task
+            self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [ack_id]})
+            return None
+        state = json.loads(found[state_key] or b"{}")
+        attempt = max(received.delivery_attempt, 1) - state.get("released", 0)
+        body = received.message.data.decode()
+        if attempt > self._attempt_limit(run):
+            lost = attempt - 1 - state.get("failed", 0)
+            error = f"lease expired {lost} times: the worker was lost each time"
+            if state.get("error"):
+                error += f"; last error: {state['error']}"
+            self._dead(run, stage, index, attempt - 1, error, body)
+            self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [ack_id]})
+            return None
+        if seconds != self._sub_deadline():
+            self.subscriber.modify_ack_deadline(request={
+                "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds})
+        self.ledger.put(self._lease_key(kind, run, stage, index), json.dumps({
+            "token": _lease_token(ack_id), "worker": worker, "run": run, "stage": stage,
+            "expires": time.time() + seconds}).encode())
+        return Lease(run, stage, index, body, attempt, f"{kind} {ack_id}")
+
+    def _sub_deadline(self) -> int:
+        return max(10, _seconds(self.lease_seconds))
+
+    def _dead(self, run: str, stage: str, index: int, attempts: int, error: str,
+              body: str) -> None:
+        self.ledger.put(f"{self._data(run)}/dead/{stage}/{index}", json.dumps(
+            {"attempts": attempts, "error": error, "body": body}).encode())
+
+    def _handle(self, lease: Lease) -> tuple[str, str]:
+        """The lease's subscription and ack id (its token is "KIND ACK_ID")."""
+        kind, ack_id = lease.token.split(" ", 1)
+        return self._subscription(self.resource(lease.run, lease.stage, kind)), ack_id
+
+    def _holder(self, lease: Lease) -> tuple[str, Optional[dict]]:
+        """The lease record's key and content, if this lease still holds the task."""
+        kind, ack_id = lease.token.split(" ", 1)
+        key = self._lease_key(kind, lease.run, lease.stage, lease.index)
+        data = self.ledger.get(key)
+        record = json.loads(data) if data else None
+        if record is None or record["token"] != _lease_token(ack_id):
+            return key, None
+        return key, record
+
+    def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool:
+        """Push the deadline out; False once another worker holds the task."""
+        key, record = self._holder(lease)
+        if record is None:
+            return False
+        seconds_ = _seconds(seconds or self.lease_seconds)
+        sub, ack_id = self._handle(lease)
+        self.subscriber.modify_ack_deadline(request={
+            "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds_})
+        record["expires"] = time.time() + seconds_
+        self.ledger.put(key, json.dumps(record).encode())
+        return True
+
+    def ack(self, lease: Lease) -> None:
+        """Record the task done, then acknowledge it. Idempotent."""
+        self.ack_many([lease])
+
+    def ack_many(self, leases: Iterable[Lease]) -> None:
+        leases = list(leases)
+        self.ledger.put_many((f"{self._data(l.run)}/done/{l.stage}/{l.index}", b"")
+                             for l in leases)
+        by_sub: dict[str, list[str]] = {}
+        for lease in leases:
+            key, record = self._holder(lease)
+            if record is not None:
+                self.ledger.delete([key])
+            sub, ack_id = self._handle(lease)
+            by_sub.setdefault(sub, []).append(ack_id)
+        for sub, ack_ids in by_sub.items():
+            self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": ack_ids})
+
+    def _settle(self, lease: Lease, error: Optional[str]) -> None:
+        key, record = self._holder(lease)
+        if record is None:
+            return                                   # lease lost: someone else has it
+        base = self._data(lease.run)
+        state_key = f"{base}/tasks/{lease.stage}/{lease.index}"
+        state = json.loads(self.ledger.get(state_key) or b"{}")
+        sub, ack_id = self._handle(lease)
+        if error is not None and lease.attempt >= self._attempt_limit(lease.run):
+            self._dead(lease.run, lease.stage, lease.index, lease.attempt, error, lease.body)
+            self.ledger.delete([key])
+            self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [ack_id]})
+            return
+        if error is None:
+            state["released"] = state.get("released", 0) + 1
+        else:
+            state["failed"] = state.get("failed", 0) + 1
+            state["error"] = error
+        self.ledger.put(state_key, json.dumps(state).encode())   # before anyone can pull it
+        self.ledger.delete([key])
+        self.subscriber.modify_ack_deadline(request={
+            "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": 0})
+
+    def nack(self, lease: Lease, error: str) -> None:
+        """The task failed: retry it, or dead-letter it at its last attempt."""
+        self._settle(lease, error)
+
+    def release(self, lease: Lease) -> None:
+        """Give the task back at once (preemption); not counted as an attempt."""
+        self._settle(lease, None)
+
+    # -- inspection ------------------------------------------------------------------------
+    def _leases(self, kinds: Iterable[str], run: Optional[str] = None) -> Iterator[dict]:
+        now = time.time()
+        for kind in kinds:
+            prefix = f"leases/{kind}/" + (f"{run_token(run)}/" if run else "")
+            for data in self.ledger.get_many(list(self.ledger.list(prefix))).values():
+                if data:
+                    record = json.loads(data)
+                    if record["expires"] >= now:
+                        yield record
+
+    def _drain_dead_letters(self, run: str, stages: dict[str, dict]) -> None:
+        """Move what Pub/Sub's dead-letter policy forwarded into the ledger."""
+        from google.api_core import exceptions
+        for stage, record in stages.items():
+            sub = self._subscription(self.resource(run, stage, record["kind"]) + "-dead")
+            try:
+                with warnings.catch_warnings():      # deprecated, but exactly what a drain wants
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    response = self.subscriber.pull(
+                        request={"subscription": sub, "max_messages": 1000,
+                                 "return_immediately": True},
+                        timeout=self.pull_timeout, retry=None)
+            except (exceptions.NotFound, exceptions.DeadlineExceeded):
+                continue
+            if not response.received_messages:
+                continue
+            for received in response.received_messages:
+                attrs = received.message.attributes
+                self._dead(run, stage, int(attrs["index"]), dead_letter_attempts(
+                    self._attempt_limit(run)), "Pub/Sub forwarded it to the dead-letter topic "
+                    "(too many deliveries)", received.message.data.decode())
+            self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [
+                r.ack_id for r in response.received_messages]})
+
+    def stats(self, run: str) -> dict[str, StageStats]:
+        stages = self._stages(run)
+        self._drain_dead_letters(run, stages)
+        base = self._data(run)
+        counts = {stage: {"done": 0, "dead": 0, "leased": 0} for stage in stages}
+        for what in ("done", "dead"):
+            for key in self.ledger.list(f"{base}/{what}/"):
+                stage = key[len(base) + len(what) + 2:].split("/", 1)[0]
+                if stage in counts:
+                    counts[stage][what] += 1
+        for record in self._leases({r["kind"] for r in stages.values()}, run):
+            if record["stage"] in counts:
+                counts[record["stage"]]["leased"] += 1
+        out = {}
+        for stage, record in stages.items():
+            c = counts[stage]
+            total = Ranges(record["tasks"]).total
+            leased = min(c["leased"], total - c["done"] - c["dead"])
+            pending = total - c["done"] - c["dead"] - leased
+            out[stage] = StageStats(max(pending, 0), max(leased, 0), c["done"], c["dead"])
+        return out
+
+    def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]:
+        prefix = f"{self._data(run)}/dead/"
+        keys = sorted(self.ledger.list(prefix),
+                      key=lambda k: (k[len(prefix):].split("/")[0], int(k.rsplit("/", 1)[1])))
+        found = self.ledger.get_many(keys[:limit])
+        out = []
+        for key in keys[:limit]:
+            record = json.loads(found[key])
+            stage, index = key[len(prefix):].split("/")
+            out.append(DeadLetter(run, stage, int(index), record["attempts"], record["error"]))
+        return out
+
+    def retry_dead(self, run: str) -> int:
+        """Publish every dead task again with a fresh set of attempts."""
+        stages = self._stages(run)
+        prefix = f"{self._data(run)}/dead/"
+        keys = list(self.ledger.list(prefix))
+        found = self.ledger.get_many(keys)
+        for key in keys:
+            stage, index = key[len(prefix):].split("/")
+            kind = stages[stage]["kind"]
+            self._ensure(run, stage, kind)
+            self.ledger.delete([f"{self._data(run)}/tasks/{stage}/{index}", key])
+            self.publisher.publish(self._topic(self.resource(run, stage, kind)),
+                                   json.loads(found[key])["body"].encode(), run=run,
+                                   stage=stage, kind=kind, index=index).result()
+        return len(keys)
+
+    def busy_workers(self, kind: Optional[str] = None) -> set[str]:
+        """Workers holding an unexpired lease (of `kind`), from the ledger's lease records."""
+        kinds = [kind] if kind else {k.split("/")[1] for k in self.ledger.list("leases/")}
+        return {r["worker"] for r in self._leases(kinds)}
+
+    def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.close()
+        if self._publisher is not None:
+            self._publisher.transport.close()
+
+
+def _lease_token(ack_id: str) -> str:
+    return hashlib.sha1(ack_id.encode()).hexdigest()[:16]
+
+
+class Ranges:
+    """A set of task indices as sorted, disjoint [start, stop) ranges: a stage's grid is
+    one range, however many tasks it has."""
+
+    def __init__(self, ranges: list[list[int]]):
+        self.ranges = [list(r) for r in ranges]
+
+    def _find(self, index: int) -> int:
+        """Position of the first range whose stop is > index."""
+        return bisect.bisect_right([r[1] for r in self.ranges], index) \
+            if len(self.ranges) > 8 else next(
+                (i for i, r in enumerate(self.ranges) if r[1] > index), len(self.ranges))
+
+    def __contains__(self, index: int) -> bool:
+        i = self._find(index)
+        return i < len(self.ranges) and self.ranges[i][0] <= index
+
+    def add(self, index: int) -> None:
+        if self.ranges and self.ranges[-1][1] == index:          # the common case: in order
+            self.ranges[-1][1] += 1
+            return
+        if index in self:
+            return
+        i = self._find(index)
+        self.ranges.insert(i, [index, index + 1])
+        if i + 1 < len(self.ranges) and self.ranges[i + 1][0] == index + 1:
+            self.ranges[i][1] = self.ranges.pop(i + 1)[1]
+        if i > 0 and self.ranges[i - 1][1] == index:
+            self.ranges[i - 1][1] = self.ranges.pop(i)[1]
+
+    @property
+    def total(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+
+class _Outstanding:
+    """Counts published messages and waits for them without keeping their futures."""
+
+    def __init__(self):
+        self.count = 0
+        self._open = 0
+        self._error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+
+    def add(self, future) -> None:
+        with self._cond:
+            self.count += 1
+            self._open += 1
+        future.add_done_callback(self._done)
+
+    def _done(self, future) -> None:
+        error = future.exception()
+        with self._cond:
+            self._open -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._open == 0)
+        if self._error is not None:
+            raise RuntimeError(f"publishing failed: {self._error}") from self._error
