@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/inference.py
 	$(PY) bench/task_queue.py
 	$(PY) bench/blend.py
+	$(PY) bench/pubsub_queue.py
 
 clean:
 	rm -rf demo-output .pytest_cache .airflow

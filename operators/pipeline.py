@@ -7,6 +7,7 @@ from that stored config. Nothing here runs at DAG parse time.
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from datetime import timedelta
@@ -40,11 +41,16 @@ def _stages_of(config, kind: str) -> list[str]:
 
 
 def _group(config, run: str, kind: str):
-    """The run's worker group for `kind`; its members survive between tasks (pid files)."""
+    """The run's worker group for `kind`; its members survive between tasks (pid files).
+
+    local://0 (the CLI driver works the queue itself) means one local worker process here:
+    an Airflow task cannot host a worker for the whole stage."""
     from voxflow.config import voxflow_home
     from voxflow.groups import open_group
     workers = getattr(config.workers, kind)
-    url = workers.group if workers.group != "local://0" else "local://1"
+    if workers.group == "local://0":
+        workers = workers.model_copy(update={"group": "local://1", "max": max(workers.max, 1)})
+    url = workers.group
     return open_group(url, config.queue.url, kind, log_dir=voxflow_home() / "logs" / run,
                       lease_seconds=config.queue.lease_seconds, capacity=workers.max,
                       state_dir=voxflow_home() / "groups" / run / kind,
@@ -141,10 +147,12 @@ def scale(config, run: str, kind: str, size: str | int) -> int:
     finally:
         queue.close()
     scaler = Autoscaler(group, workers.min, workers.max, workers.tasks_per_worker)
-    if size == "auto":
-        return scaler.step(backlog, busy)
-    group.resize(int(size), busy)
-    return int(size)
+    target = scaler.step(backlog, busy) if size == "auto" else int(size)
+    if size != "auto":
+        group.resize(target, busy)
+    if hasattr(group, "status"):                     # cloud groups: target vs actual
+        logging.getLogger(__name__).info("%s workers: %s", kind, group.status())
+    return target
 
 
 class WaitForStageOperator(BaseOperator):

@@ -136,7 +136,6 @@ def chaos(step: Callable[[threading.Event], None]) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-from gcs_emulator import gcs  # noqa: E402,F401  (GCS emulator fixture)
 
 
 def queue_url_for(backend: str, tmp_path, request) -> str:
@@ -148,4 +147,6 @@ def queue_url_for(backend: str, tmp_path, request) -> str:
     return f"pubsub://test-project/t{uuid.uuid4().hex[:8]}?ledger=file://{tmp_path}/ledger"
 
 
-from pubsub_emulator import pubsub  # noqa: E402,F401  (Pub/Sub emulator fixture)
+# Session fixtures of the emulators (tests/ is on sys.path under pytest's default import mode)
+from gcs_emulator import gcs  # noqa: E402,F401
+from pubsub_emulator import pubsub  # noqa: E402,F401

@@ -96,7 +96,8 @@ class Net(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
+def airflow(tmp_path_factory, pubsub):
+    """A real Airflow; its components inherit PUBSUB_EMULATOR_HOST (the `pubsub` fixture)."""
     from operators.local import start
     from voxflow.volume import Volume
     root = tmp_path_factory.mktemp("e2e")
@@ -194,6 +195,29 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
     assert links["extra_links"] == {"Neuroglancer": "/voxflow/"}
 
 
+def test_a_run_on_the_pubsub_queue(airflow):
+    """The form switches the queue to Pub/Sub: the deferrable wait polls the ledger's counts,
+    and finalize deletes the run's topics and subscriptions."""
+    from google.cloud import pubsub_v1
+    from operators.pipeline import run_id_for
+    from voxflow.queues import open_queue
+    from voxflow.volume import Volume
+    url = f"pubsub://test-project/af?ledger=file://{airflow.data}/ledger"
+    run = _trigger(airflow, {"output": f"{airflow.data}/out-pubsub", "queue.url": url})
+    state, seen = _follow(airflow, run)
+    assert state == "success", seen
+    out = Volume(f"file://{airflow.data}/out-pubsub")
+    img = Volume(f"file://{airflow.data}/image").read(out.bounds)
+    want = 1 / (1 + np.exp(-(8 * img.astype(np.float32) / 255 - 4)))
+    assert np.abs(out.read(out.bounds) - want).max() < 1e-5
+    stats = open_queue(url).stats(run_id_for("e2e", run))
+    assert stats["inference"].done == stats["inference"].total == 2 * 2 * 2
+    assert all(s.open == 0 and s.dead == 0 for s in stats.values())
+    topics = [t.name for t in pubsub_v1.PublisherClient().list_topics(
+        request={"project": "projects/test-project"}) if "/topics/af-" in t.name]
+    assert topics == []
+
+
 def test_bad_parameter_fails_at_plan_naming_the_field(airflow):
     from operators.pipeline import run_id_for
     from voxflow.queues import open_queue
@@ -223,10 +247,10 @@ def test_cancelling_a_run_scales_its_workers_to_zero(airflow):
     assert any(_alive(pid, wid) for wid, pid in workers.items())
     airflow.api("PATCH", f"/dags/e2e/dagRuns/{run}", {"state": "failed"}, token=airflow.tok)
     deadline = time.monotonic() + 180          # the scheduler can be slow on 2 loaded cores
-    while any(_alive(pid, wid) for wid, pid in workers.items()):
+    # the teardown stops the workers, then removes their pid files: wait for both
+    while any(_alive(pid, wid) for wid, pid in workers.items()) or list(group.glob("*.pid")):
         assert time.monotonic() < deadline, "the run's workers outlived its cancellation"
         time.sleep(0.5)
-    assert not list(group.glob("*.pid"))
     # stopped with work left: the teardown scaled them down (a worker only exits on its own
     # after 60 s with nothing to pull, and there was plenty)
     stats = open_queue(f"sqlite://{airflow.data}/queue.db").stats(run_id_for("e2e", run))

@@ -3,10 +3,8 @@ queue (emulator) whose ledger is on gs:// too, served by worker processes, one o
 mid-stage; and what the Pub/Sub queue sends and cleans up."""
 import json
 import os
-import time
 
 import numpy as np
-import pytest
 import torch
 
 from voxflow.config import load_config

@@ -522,6 +522,7 @@ def test_import_is_lazy_and_open_group_routes_by_url():
 # -- config --------------------------------------------------------------------------------
 
 BASE = {"input": "gs://b/in", "output": "gs://b/out",
+        "queue": "pubsub://vox-proj/voxflow?ledger=gs://b/ledger",
         "model": {"path": "m.pt", "input_patch": [8, 8, 8], "output_channels": 1}}
 
 
@@ -575,6 +576,19 @@ def test_config_accepts_a_gce_group():
 def test_config_refusals_name_the_field(group, field, words):
     error = refused(inference(group))
     assert error.field == field and words in str(error) and str(error).startswith(field)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"queue": "sqlite:///tmp/q.db"}, "queue.url"),
+    ({"queue": "pubsub://vox-proj/voxflow?ledger=/tmp/ledger"}, "queue.url"),
+    ({"input": "/data/em/image"}, "input"),
+    ({"output": "file:///data/em/out"}, "output"),
+    ({"inference": {"temporary": "/scratch/tmp"}}, "inference.temporary"),
+])
+def test_gce_groups_refuse_what_vms_cannot_reach(change, field):
+    group = {"group": URL, "max": 4, "gce": {"image": IMAGE}}
+    error = refused({**inference(group), **change})
+    assert error.field == field and "Compute Engine VMs, which cannot reach" in str(error)
 
 
 def test_gce_config_in_a_cpu_group_and_max_bounds():

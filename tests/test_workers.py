@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from voxflow.cli import main
 from voxflow.config import load_config
@@ -14,9 +15,10 @@ from voxflow.groups import Autoscaler
 from voxflow.groups.local import LocalGroup
 from voxflow.pipeline import create_layers, plan
 from voxflow.queues import open_queue
-from voxflow.runner import publish_stage
+from voxflow.runner import publish_stage, run
+from voxflow.volume import Volume
 
-from conftest import make_layer, queue_url_for, write_config
+from conftest import Pointwise, make_layer, queue_url_for, worker_pids, write_config
 
 SLOW_MODEL = '''
 import time
@@ -130,6 +132,47 @@ def test_poison_and_malformed_tasks_end_dead_and_run_fails(tmp_path, capsys, bac
     assert "dead: inference #11 after 2 attempt(s)" in capsys.readouterr().out
     assert main(["retry-dead", "poison", "--queue", queue_url]) == 0
     assert q.stats("poison")["inference"].pending == 2
+
+
+def test_external_group_runs_on_workers_started_elsewhere(tmp_path):
+    """external://: voxflow starts no worker; one started by hand serves every stage."""
+    img = (np.random.default_rng(2).random((1, 8, 32, 48)) * 200).astype(np.uint8)
+    make_layer(tmp_path / "img", img, chunk=(16, 16, 4))
+    torch.jit.script(Pointwise().eval()).save(str(tmp_path / "m.pt"))
+    queue_url = f"sqlite://{tmp_path}/q.db"
+    cfg = write_config(tmp_path / "run.yaml", input="img", output="out",
+                       model={"path": "m.pt", "input_patch": [16, 16, 4], "output_channels": 2},
+                       inference={"chunk": [32, 32, 8], "patch_overlap": [4, 4, 1]},
+                       storage_chunk=[16, 16, 4], downsample={"mips": 1},
+                       queue={"url": queue_url},
+                       workers={k: "external://" for k in ("inference", "blend", "downsample")})
+    config = load_config(cfg)
+    assert (config.workers.inference.group, config.workers.inference.max) == ("external://", 0)
+    outside = subprocess.Popen([sys.executable, "-m", "voxflow", "worker", queue_url,
+                                "--worker-id", "outside"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    seen = set()
+
+    class Watch:
+        def begin(self, run, queue): pass
+        def start(self, stage, total, skipped): pass
+        def finish(self): pass
+
+        def update(self, done, dead):
+            seen.update(worker_pids())
+
+    try:
+        summary = run(config, reporter=Watch(), run_id="ext")
+    finally:
+        outside.send_signal(signal.SIGTERM)
+        outside.wait(timeout=10)
+    assert seen == {"outside"}                        # the only worker was the one started here
+    assert [s.name for s in summary.stages] == ["inference", "blend", "downsample-0"]
+    q = open_queue(queue_url)
+    assert all(s.done == s.total > 0 for s in q.stats("ext").values())
+    out = Volume(f"file://{tmp_path}/out", 0)
+    assert np.abs(out.read(out.bounds) - Pointwise().eval()(
+        torch.from_numpy(img[None].astype(np.float32) / 255)).detach().numpy()[0]).max() < 1e-5
 
 
 def test_autoscaler_target():

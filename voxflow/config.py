@@ -331,7 +331,9 @@ class GroupConfig(_Section):
     group: str = Field("local://1", description="local://N: up to N worker processes on "
                        "this machine; local://0: the driver works the queue itself; "
                        "gce://PROJECT/ZONE/GROUP: a Compute Engine managed instance group "
-                       "named GROUP (needs max and the gce section).")
+                       "named GROUP (needs max and the gce section); external://: workers "
+                       "started elsewhere (compose services, Kubernetes, a cluster's jobs) "
+                       "serve the queue, voxflow only waits.")
     min: Annotated[int, Field(ge=0)] = Field(0, description="Fewest workers while the stage "
                                              "has work.")
     max: Optional[Annotated[int, Field(ge=0)]] = Field(None, validate_default=True,
@@ -354,8 +356,10 @@ class GroupConfig(_Section):
         if value.startswith("gce://"):
             parse_gce_url(value)
             return value
-        raise ValueError(f"{value!r} is not a known worker group URL (local://N or "
-                         "gce://PROJECT/ZONE/GROUP)")
+        if value == "external://":
+            return value
+        raise ValueError(f"{value!r} is not a known worker group URL (local://N, "
+                         "gce://PROJECT/ZONE/GROUP or external://)")
 
     @field_validator("max")
     @classmethod
@@ -389,6 +393,8 @@ class GroupConfig(_Section):
                 self.max = capacity
             if self.max > capacity and capacity:
                 raise ValueError(f"max {self.max} exceeds the group's {capacity} workers")
+        if self.group == "external://" and self.max is None:
+            self.max = 0                               # nothing for voxflow to start
         if self.min > self.max:
             raise ValueError(f"min {self.min} exceeds max {self.max}")
         return self
@@ -455,7 +461,25 @@ class RunConfig(_Section):
                                   f"twice the margin {self.margin} along {axis}")
         if self.input == self.output:
             raise ConfigError("output", "must differ from input")
+        self._reachable_from_vms()
         return self
+
+    def _reachable_from_vms(self) -> None:
+        """Workers on Compute Engine VMs see only what is in the cloud: refuse local paths."""
+        cloud = [k for k in ("inference", "blend", "downsample")
+                 if getattr(self.workers, k).group.startswith("gce://")]
+        if not cloud:
+            return
+        why = f"workers.{cloud[0]}.group runs workers on Compute Engine VMs, which cannot reach"
+        if not self.queue.url.startswith("pubsub://") or "?ledger=gs://" not in self.queue.url:
+            raise ConfigError("queue.url", f"{why} {self.queue.url}: use "
+                              "pubsub://PROJECT/PREFIX?ledger=gs://bucket/path")
+        for name in ("input", "output"):
+            if not getattr(self, name).startswith("gs://"):
+                raise ConfigError(name, f"{why} {getattr(self, name)}: use a gs:// layer")
+        if self.inference.temporary and not self.inference.temporary.startswith("gs://"):
+            raise ConfigError("inference.temporary", f"{why} {self.inference.temporary}: "
+                              "use gs://")
 
     @property
     def margin(self) -> list[int]:

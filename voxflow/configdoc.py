@@ -31,6 +31,8 @@ def _type(annotation: Any) -> str:
     if "Literal[" in text:
         return " \\| ".join(a.strip(" '") for a in text.split("Literal[", 1)[1].split("]")[0]
                             .split(","))
+    if "list[str]" in text:
+        return "list of str"
     if "list[" in text:
         return "[x, y, z]"
     for name in ("int", "float", "str", "bool"):

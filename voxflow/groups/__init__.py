@@ -1,7 +1,9 @@
 """`WorkerGroup`: a resizable set of workers, and the `Autoscaler` that sizes it.
 
 Backends by URL: `local://N` (worker processes on this machine), `gce://PROJECT/ZONE/GROUP`
-(a Compute Engine managed instance group of Spot VMs, `gce.py`). The autoscaler is the same
+(a Compute Engine managed instance group of Spot VMs, `gce.py`), `external://` (workers
+started by something else: compose services, a Kubernetes deployment, cluster jobs; voxflow
+starts and stops nothing and only waits for the queue to drain). The autoscaler is the same
 for every backend: target = clamp(ceil(backlog / tasks_per_worker), min, max), zero once the
 stage has drained; scale-down stops only idle workers (those holding no lease).
 """
@@ -41,6 +43,19 @@ class Autoscaler:
         return self.target
 
 
+class ExternalGroup:
+    """Workers someone else runs: nothing to size, nothing to stop."""
+
+    def size(self) -> int:
+        return 0
+
+    def resize(self, target: int, busy: set[str]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def open_group(url: str, queue_url: str, kind: str, gce=None,
                **options) -> Optional[WorkerGroup]:
     """The group for `url`; None for local://0 (the driver works the queue itself).
@@ -54,6 +69,8 @@ def open_group(url: str, queue_url: str, kind: str, gce=None,
             return None
         from .local import LocalGroup
         return LocalGroup(queue_url, kind, **options)
+    if url == "external://":
+        return ExternalGroup()
     if url.startswith("gce://"):
         if gce is None:
             raise ValueError(f"worker group {url!r} needs its gce settings (workers.KIND.gce)")

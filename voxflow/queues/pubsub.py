@@ -44,7 +44,10 @@ from urllib.parse import parse_qs, urlsplit
 from . import DeadLetter, Lease, StageStats
 
 MAX_DEADLINE = 600                      # Pub/Sub's limit for an ack deadline, seconds
-LIST_CACHE_SECONDS = 5.0
+# How long a worker trusts its list of subscriptions: listing is an admin operation with a
+# per-project quota, so a worker that keeps finding work re-lists rarely; one whose last pull
+# came back empty looks every few seconds for a new stage (jittered: a fleet lists out of step).
+LIST_SECONDS_BUSY, LIST_SECONDS_IDLE = 60.0, 5.0
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_.~+-]{0,59}$")
 
@@ -104,8 +107,8 @@ class PubSubQueue:
         self.pull_timeout = pull_timeout
         self._publisher = None
         self._subscriber = None
-        self._lock = threading.Lock()
-        self._subs: tuple[float, list[str]] = (0.0, [])
+        self._subs: tuple[float, list[str]] = (-1e9, [])   # (listed at, names)
+        self._idle = True                                  # the last pull found nothing
         self._runs: dict[str, dict] = {}
 
     # -- clients and names -----------------------------------------------------------------
@@ -196,7 +199,7 @@ class PubSubQueue:
                         delete(request=path)
                     except exceptions.NotFound:
                         pass
-        self._subs = (0.0, [])
+        self._subs = (-1e9, [])
 
     def forget_run(self, run: str) -> int:
         """Delete the run's topics, subscriptions and ledger records (not its parameters)."""
@@ -237,7 +240,7 @@ class PubSubQueue:
                 "labels": {"voxflow-kind": kind}})
         except exceptions.AlreadyExists:
             return True
-        self._subs = (0.0, [])
+        self._subs = (-1e9, [])
         return False
 
     def _finished(self, run: str, stage: str) -> set[int]:
@@ -281,7 +284,8 @@ class PubSubQueue:
     # -- leasing ---------------------------------------------------------------------------
     def _subscriptions(self, kinds: Optional[Iterable[str]]) -> list[str]:
         listed_at, names = self._subs
-        if time.monotonic() - listed_at > LIST_CACHE_SECONDS:
+        trust = LIST_SECONDS_BUSY if names and not self._idle else LIST_SECONDS_IDLE
+        if time.monotonic() - listed_at > trust * random.uniform(0.8, 1.0):
             names = [s.name for s in self.subscriber.list_subscriptions(
                 request={"project": f"projects/{self.where.project}"})
                 if s.name.rsplit("/", 1)[1].startswith(self.where.prefix + "-")
@@ -305,7 +309,7 @@ class PubSubQueue:
                     request={"subscription": sub, "max_messages": n - len(out)},
                     timeout=self.pull_timeout, retry=None)
             except exceptions.NotFound:
-                self._subs = (0.0, [])
+                self._subs = (-1e9, [])
                 continue
             except exceptions.DeadlineExceeded:
                 continue
@@ -313,6 +317,7 @@ class PubSubQueue:
                 lease = self._admit(sub, received, worker, seconds)
                 if lease:
                     out.append(lease)
+        self._idle = not out
         return out
 
     def _admit(self, sub: str, received, worker: str, seconds: int) -> Optional[Lease]:
