@@ -70,7 +70,10 @@ def build_dag(path: Path) -> DAG:
                 scale_up = ScaleWorkersOperator(task_id="scale_up", kind=kind, size="auto")
                 wait = WaitForStageOperator(task_id="wait", kind=kind)
                 scale_down = ScaleWorkersOperator(task_id="scale_down", kind=kind, size=0)
-                publish >> scale_up >> wait >> scale_down.as_teardown(setups=scale_up)
+                # publish is a setup too: a teardown runs when at least one of its setups
+                # succeeded, and a run cancelled while scale_up is still running marks
+                # scale_up failed after it may have started workers
+                publish >> scale_up >> wait >> scale_down.as_teardown(setups=[publish, scale_up])
             previous >> group
             previous = group
         previous >> FinalizeOperator(task_id="finalize")

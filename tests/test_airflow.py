@@ -39,9 +39,13 @@ def test_every_pipeline_yaml_is_a_dag_with_the_stage_tasks(dagbag):
         down = {t.task_id: t.downstream_task_ids for t in dag.tasks}
         assert down["plan"] == {f"{kinds[0]}.publish"}
         for k, nxt in zip(kinds, kinds[1:] + [None]):
-            assert down[f"{k}.publish"] == {f"{k}.scale_up"}
+            assert down[f"{k}.publish"] == {f"{k}.scale_up", f"{k}.scale_down"}
             assert down[f"{k}.scale_up"] == {f"{k}.wait", f"{k}.scale_down"}
             assert dag.get_task(f"{k}.scale_down").is_teardown
+            # both are setups: the teardown runs if either succeeded (a cancel during
+            # scale_up marks it failed after it may have started workers)
+            assert dag.get_task(f"{k}.publish").is_setup and dag.get_task(
+                f"{k}.scale_up").is_setup
             after = f"{nxt}.publish" if nxt else "finalize"
             assert after in down[f"{k}.wait"]
     durations = [s.duration for s in dagbag.dagbag_stats]
