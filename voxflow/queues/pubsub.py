@@ -154,7 +154,7 @@ class PubSubQueue:
     def register_run(self, run: str, params: str, max_attempts: Optional[int] = None) -> None:
         record = {"run": run, "params": params, "created": time.time(),
                   "max_attempts": max_attempts or self.default_max_attempts}
-        self.ledger.put(f"runs/{run_token(run)}.json", json.dumps(record).encode())
+        self._write(f"runs/{run_token(run)}.json", record)
         self._runs[run] = record
 
     def _run(self, run: str) -> Optional[dict]:
@@ -233,7 +233,7 @@ class PubSubQueue:
         try:
             self.subscriber.create_subscription(request={
                 "name": self._subscription(rid), "topic": self._topic(rid),
-                "ack_deadline_seconds": max(10, _seconds(self.lease_seconds)),
+                "ack_deadline_seconds": self._sub_deadline(),
                 "dead_letter_policy": {
                     "dead_letter_topic": self._topic(rid + "-dead"),
                     "max_delivery_attempts": dead_letter_attempts(self._attempt_limit(run))},
@@ -257,7 +257,7 @@ class PubSubQueue:
         `batch` messages once they are confirmed, so a crash re-sends at most a batch."""
         existed = self._ensure(run, stage, kind)
         record_key = f"{self._data(run)}/stages/{stage}.json"
-        old = json.loads(self.ledger.get(record_key) or b"{}")
+        old = self._read(record_key)
         tasks = Ranges(old.get("tasks", []))
         queued = Ranges(old.get("queued", []) if existed else [])
         finished = self._finished(run, stage)
@@ -266,8 +266,8 @@ class PubSubQueue:
 
         def save() -> None:
             sent.wait()
-            self.ledger.put(record_key, json.dumps({"kind": kind, "tasks": tasks.ranges,
-                                                    "queued": queued.ranges}).encode())
+            self._write(record_key, {"kind": kind, "tasks": tasks.ranges,
+                                     "queued": queued.ranges})
 
         for index, body in messages:
             tasks.add(index)
@@ -351,33 +351,39 @@ class PubSubQueue:
         if seconds != self._sub_deadline():
             self.subscriber.modify_ack_deadline(request={
                 "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds})
-        self.ledger.put(self._lease_key(kind, run, stage, index), json.dumps({
+        self._write(self._lease_key(kind, run, stage, index), {
             "token": _lease_token(ack_id), "worker": worker, "run": run, "stage": stage,
-            "expires": time.time() + seconds}).encode())
+            "expires": time.time() + seconds})
         return Lease(run, stage, index, body, attempt, f"{kind} {ack_id}")
 
     def _sub_deadline(self) -> int:
+        """The subscription's own ack deadline (Pub/Sub's minimum is 10 s)."""
         return max(10, _seconds(self.lease_seconds))
+
+    def _read(self, key: str) -> dict:
+        """A JSON ledger record; {} when missing."""
+        return json.loads(self.ledger.get(key) or b"{}")
+
+    def _write(self, key: str, record: dict) -> None:
+        self.ledger.put(key, json.dumps(record).encode())
 
     def _dead(self, run: str, stage: str, index: int, attempts: int, error: str,
               body: str) -> None:
-        self.ledger.put(f"{self._data(run)}/dead/{stage}/{index}", json.dumps(
-            {"attempts": attempts, "error": error, "body": body}).encode())
+        self._write(f"{self._data(run)}/dead/{stage}/{index}",
+                    {"attempts": attempts, "error": error, "body": body})
 
-    def _handle(self, lease: Lease) -> tuple[str, str]:
-        """The lease's subscription and ack id (its token is "KIND ACK_ID")."""
+    def _handle(self, lease: Lease) -> tuple[str, str, str]:
+        """The lease's subscription, ack id and lease-record key (its token is
+        "KIND ACK_ID")."""
         kind, ack_id = lease.token.split(" ", 1)
-        return self._subscription(self.resource(lease.run, lease.stage, kind)), ack_id
+        return (self._subscription(self.resource(lease.run, lease.stage, kind)), ack_id,
+                self._lease_key(kind, lease.run, lease.stage, lease.index))
 
     def _holder(self, lease: Lease) -> tuple[str, Optional[dict]]:
         """The lease record's key and content, if this lease still holds the task."""
-        kind, ack_id = lease.token.split(" ", 1)
-        key = self._lease_key(kind, lease.run, lease.stage, lease.index)
-        data = self.ledger.get(key)
-        record = json.loads(data) if data else None
-        if record is None or record["token"] != _lease_token(ack_id):
-            return key, None
-        return key, record
+        _, ack_id, key = self._handle(lease)
+        record = self._read(key)
+        return key, record if record.get("token") == _lease_token(ack_id) else None
 
     def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool:
         """Push the deadline out; False once another worker holds the task."""
@@ -385,11 +391,11 @@ class PubSubQueue:
         if record is None:
             return False
         seconds_ = _seconds(seconds or self.lease_seconds)
-        sub, ack_id = self._handle(lease)
+        sub, ack_id, _ = self._handle(lease)
         self.subscriber.modify_ack_deadline(request={
             "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds_})
         record["expires"] = time.time() + seconds_
-        self.ledger.put(key, json.dumps(record).encode())
+        self._write(key, record)
         return True
 
     def ack(self, lease: Lease) -> None:
@@ -405,7 +411,7 @@ class PubSubQueue:
             key, record = self._holder(lease)
             if record is not None:
                 self.ledger.delete([key])
-            sub, ack_id = self._handle(lease)
+            sub, ack_id, _ = self._handle(lease)
             by_sub.setdefault(sub, []).append(ack_id)
         for sub, ack_ids in by_sub.items():
             self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": ack_ids})
@@ -416,8 +422,8 @@ class PubSubQueue:
             return                                   # lease lost: someone else has it
         base = self._data(lease.run)
         state_key = f"{base}/tasks/{lease.stage}/{lease.index}"
-        state = json.loads(self.ledger.get(state_key) or b"{}")
-        sub, ack_id = self._handle(lease)
+        state = self._read(state_key)
+        sub, ack_id, _ = self._handle(lease)
         if error is not None and lease.attempt >= self._attempt_limit(lease.run):
             self._dead(lease.run, lease.stage, lease.index, lease.attempt, error, lease.body)
             self.ledger.delete([key])
@@ -428,7 +434,7 @@ class PubSubQueue:
         else:
             state["failed"] = state.get("failed", 0) + 1
             state["error"] = error
-        self.ledger.put(state_key, json.dumps(state).encode())   # before anyone can pull it
+        self._write(state_key, state)                # before anyone can pull it
         self.ledger.delete([key])
         self.subscriber.modify_ack_deadline(request={
             "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": 0})
@@ -551,9 +557,7 @@ class Ranges:
 
     def _find(self, index: int) -> int:
         """Position of the first range whose stop is > index."""
-        return bisect.bisect_right([r[1] for r in self.ranges], index) \
-            if len(self.ranges) > 8 else next(
-                (i for i, r in enumerate(self.ranges) if r[1] > index), len(self.ranges))
+        return bisect.bisect_right(self.ranges, index, key=lambda r: r[1])
 
     def __contains__(self, index: int) -> bool:
         i = self._find(index)
