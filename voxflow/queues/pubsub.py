@@ -404,8 +404,8 @@ class PubSubQueue:
 
     def ack_many(self, leases: Iterable[Lease]) -> None:
         leases = list(leases)
-        self.ledger.put_many((f"{self._data(l.run)}/done/{l.stage}/{l.index}", b"")
-                             for l in leases)
+        self.ledger.put_many({f"{self._data(l.run)}/done/{l.stage}/{l.index}": b""
+                              for l in leases}.items())       # a task named twice: once
         by_sub: dict[str, list[str]] = {}
         for lease in leases:
             key, record = self._holder(lease)
