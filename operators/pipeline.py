@@ -4,26 +4,26 @@ Each is a thin shell over the core library. The plan task validates the run's pa
 trigger form's values), reads the input's metadata, creates the output layers and registers
 the run — its effective config — with the queue; every later task rebuilds what it needs
 from that stored config. Nothing here runs at DAG parse time.
+
+These tasks and the wait's trigger are the run's driver: they heart-beat. Finalize ends the
+run as succeeded, a wait that finds dead tasks as failed, and marking the DAG run failed
+(`on_kill` of the deferred trigger or of a running task) as cancelled: the run's workers give
+it up at once, even when the `scale_down` teardown never runs; and if no driver heart-beats
+for `queue.driver_timeout_seconds` (the triggerer is gone), they give it up too.
 """
 from __future__ import annotations
 
 import logging
-import re
 import time
 from datetime import timedelta
 from typing import Any, Optional
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from .params import config_from_params
 
 PLAN_TASK = "plan"
-
-
-def run_id_for(dag_id: str, airflow_run_id: str) -> str:
-    """The queue namespace of one DAG run (readable, safe in paths)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dag_id}.{airflow_run_id}")[:180]
 
 
 def _run(context) -> tuple[str, Any]:
@@ -40,6 +40,12 @@ def _stages_of(config, kind: str) -> list[str]:
     return [s for s in stage_names(plan(config, check_model=False)) if stage_kind(s) == kind]
 
 
+def _open_queue(config):
+    from voxflow.queues import open_queue
+    from voxflow.runner import queue_options
+    return open_queue(config.queue.url, **queue_options(config))
+
+
 def _group(config, run: str, kind: str):
     """The run's worker group for `kind`; its members survive between tasks (pid files).
 
@@ -51,14 +57,31 @@ def _group(config, run: str, kind: str):
     if workers.group == "local://0":
         workers = workers.model_copy(update={"group": "local://1", "max": max(workers.max, 1)})
     url = workers.group
-    return open_group(url, config.queue.url, kind, log_dir=voxflow_home() / "logs" / run,
+    return open_group(url, config.queue.url, kind, gce=workers.gce, run=run,
+                      log_dir=voxflow_home() / "logs" / run,
                       lease_seconds=config.queue.lease_seconds, capacity=workers.max,
-                      state_dir=voxflow_home() / "groups" / run / kind,
-                      gce=workers.gce), workers
+                      state_dir=voxflow_home() / "groups" / run / kind), workers
+
+
+def end_run(context, state: str) -> None:
+    """Tell the run's workers that the run is over (they give it up at once)."""
+    try:
+        run, config = _run(context)
+    except AirflowFailException:
+        return                                       # never planned: no workers
+    queue = _open_queue(config)
+    try:
+        queue.end_run(run, state)
+    finally:
+        queue.close()
 
 
 class PlanRunOperator(BaseOperator):
-    """Validate the run's params, plan, create the output layers, register the run."""
+    """Validate the run's params, plan, create the output layers, register the run.
+
+    The run id follows the run's content (model digest, input, byte-determining parameters;
+    `voxflow.identity`), so a DAG run with the same content resumes the work done before and
+    one with a retrained model recomputes."""
 
     ui_color = "#e8f0fe"
 
@@ -68,8 +91,8 @@ class PlanRunOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         from voxflow.config import ConfigError, parse_config
-        from voxflow.pipeline import create_layers, plan
-        from voxflow.queues import open_queue
+        from voxflow.pipeline import plan
+        from voxflow.runner import register
         from voxflow.stages import stage_names
         try:
             config = parse_config(config_from_params(context["params"]),
@@ -77,24 +100,21 @@ class PlanRunOperator(BaseOperator):
             p = plan(config)
         except ConfigError as exc:
             raise AirflowFailException(f"refused, nothing published: {exc}") from None
-        run = run_id_for(context["dag"].dag_id, context["run_id"])
-        created = create_layers(p)
-        queue = open_queue(config.queue.url, max_attempts=config.queue.max_attempts)
-        try:
-            if created:
-                queue.forget_run(run)
-            queue.register_run(run, config.model_dump_json(), config.queue.max_attempts)
-        finally:
-            queue.close()
-        self.log.info("run %s: %s voxels, stages %s, output %s", run, p.bbox.size,
-                      stage_names(p), config.output)
+        run, meta = register(config, p)
+        self.log.info("run %s: %s voxels, stages %s, output %s, model %s", run, p.bbox.size,
+                      stage_names(p), config.output, meta["model_digest"])
         return {"run": run, "config": config.model_dump_json(), "stages": stage_names(p),
-                "voxels": p.bbox.size, "started": time.time()}
+                "voxels": p.bbox.size, "started": time.time(),
+                "model_digest": meta["model_digest"]}
 
 
 class PublishStageOperator(BaseOperator):
     """Publish the first stage of a kind (later passes are published by the wait task).
-    A run without a stage of this kind (nothing to blend, no mips) publishes nothing."""
+
+    Every DAG has a group for every kind, because the trigger form may ask for stages its
+    YAML does not have (`blend: overlap` over a crop pipeline, `mips: 2` over `mips: 0`); a
+    run without a stage of this kind (crop mode, no mips, nothing to blend) skips the group,
+    which costs no worker slot."""
 
     def __init__(self, *, kind: str, **kwargs):
         super().__init__(**kwargs)
@@ -102,14 +122,12 @@ class PublishStageOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         from voxflow.pipeline import plan
-        from voxflow.queues import open_queue
         from voxflow.runner import publish_stage
         run, config = _run(context)
         stages = _stages_of(config, self.kind)
-        if not stages:
-            self.log.info("this run has no %s stage", self.kind)
-            return {"stage": None, "tasks": 0, "skipped": 0}
-        queue = open_queue(config.queue.url)
+        if not stages:                # skipped: so are this group's other tasks
+            raise AirflowSkipException(f"this run has no {self.kind} stage")
+        queue = _open_queue(config)
         try:
             skipped = publish_stage(queue, run, plan(config, check_model=False), stages[0])
             total = queue.stats(run)[stages[0]].total
@@ -128,20 +146,26 @@ class ScaleWorkersOperator(BaseOperator):
         self.size = size
 
     def execute(self, context) -> int:
+        self._context = context
         run, config = _run(context)
         return scale(config, run, self.kind, self.size)
+
+    def on_kill(self) -> None:
+        """Marked failed while starting workers: the run's workers stop at once."""
+        if self.size != 0 and getattr(self, "_context", None):
+            end_run(self._context, "cancelled")
 
 
 def scale(config, run: str, kind: str, size: str | int) -> int:
     from voxflow.groups import Autoscaler
-    from voxflow.queues import open_queue
     from voxflow.stages import stage_kind
     group, workers = _group(config, run, kind)
     if size == 0:
         group.close()
         return 0
-    queue = open_queue(config.queue.url)
+    queue = _open_queue(config)
     try:
+        queue.heartbeat(run)
         backlog = sum(s.open for name, s in queue.stats(run).items() if stage_kind(name) == kind)
         busy = queue.busy_workers(kind)
     finally:
@@ -172,21 +196,24 @@ class WaitForStageOperator(BaseOperator):
 
     def execute(self, context, event: Optional[dict] = None) -> dict:
         from voxflow.pipeline import plan
-        from voxflow.queues import open_queue
-        from voxflow.runner import RunFailed, publish_stage
+        from voxflow.runner import RunFailed, heartbeat, publish_stage
         from .triggers import StageTrigger
+        self._context = context
         run, config = _run(context)
-        queue = open_queue(config.queue.url)
+        p = plan(config, check_model=False)
+        queue = _open_queue(config)
         try:
+            heartbeat(queue, run, p)                 # republishes what may have expired
             stats = queue.stats(run)
             for name in _stages_of(config, self.kind):
                 if name not in stats:
-                    publish_stage(queue, run, plan(config, check_model=False), name)
+                    publish_stage(queue, run, p, name)
                     stats = queue.stats(run)
                 s = stats[name]
                 if s.open:
                     break
                 if s.dead:
+                    queue.end_run(run, "failed")
                     raise AirflowFailException(str(RunFailed(run, name, queue.dead_letters(run),
                                                              s.dead)))
             else:
@@ -195,8 +222,13 @@ class WaitForStageOperator(BaseOperator):
             queue.close()
         scale(config, run, self.kind, "auto")
         self.defer(trigger=StageTrigger(config.queue.url, run, name, self.poll_seconds,
-                                        self.tick_seconds),
+                                        self.tick_seconds, config.queue.retention_seconds),
                    method_name="execute", timeout=timedelta(days=7))
+
+    def on_kill(self) -> None:
+        """Marked failed (or cleared) while running: the run's workers stop at once."""
+        if getattr(self, "_context", None):
+            end_run(self._context, "cancelled")
 
 
 class FinalizeOperator(BaseOperator):
@@ -209,23 +241,29 @@ class FinalizeOperator(BaseOperator):
         return (NeuroglancerLink(),)
 
     def execute(self, context) -> dict:
-        from voxflow.queues import open_queue
+        from airflow.sdk import Asset
         from voxflow.runner import delete_temporary
         from voxflow.view import neuroglancer_link
         info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
         run, config = _run(context)
         if config.inference.blend == "overlap" and not config.inference.keep_temporary:
             delete_temporary(config, run)
-        queue = open_queue(config.queue.url)
+        queue = _open_queue(config)
         try:
             stages = {n: vars(s) for n, s in queue.stats(run).items()}
             queue.finish(run)
+            queue.end_run(run, "succeeded")
         finally:
             queue.close()
+        for alias in self.outlets:       # the output layer was updated: downstream pipelines
+            context["outlet_events"][alias].add(Asset(uri=config.output, name=config.output),
+                                                extra={"run": run,
+                                                       "model_digest": info["model_digest"]})
         seconds = time.time() - info["started"]
         local = config.output.startswith("file://")
         summary = {
-            "run": run, "output": config.output, "voxels": info["voxels"],
+            "run": run, "output": config.output, "model_digest": info["model_digest"],
+            "voxels": info["voxels"],
             "seconds": round(seconds, 1), "voxels_per_second": round(info["voxels"] / seconds),
             "stages": stages,
             "neuroglancer": (f"voxflow view {config.input} {config.output}" if local else

@@ -1,8 +1,15 @@
 """The voxflow page in the Airflow UI: every run in the queue, its stages' progress and dead
-letters. A FastAPI app mounted by the plugin under /voxflow; Airflow's own login applies."""
+letters. A FastAPI app mounted by the plugin under /voxflow; Airflow's own login applies.
+
+It opens only the queues the deployment knows — the embedded default and the `queue.url` of
+each pipeline in the DAG folder — and opens them read-only: a logged-in user cannot make the
+API server create SQLite files or read another project's Pub/Sub by typing a URL, and a GET
+changes nothing.
+"""
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Optional
 
 from fastapi import Depends, FastAPI, HTTPException
@@ -13,10 +20,47 @@ from airflow.api_fastapi.core_api.security import requires_authenticated
 app = FastAPI(title="voxflow", dependencies=[Depends(requires_authenticated())])
 
 
+def known_queues() -> list[str]:
+    """The embedded default queue, then the queues the deployed pipeline files name."""
+    from airflow.configuration import conf
+    from voxflow.config import ConfigError, QueueConfig
+    from voxflow.pipeline_file import load_pipeline
+    urls = [QueueConfig().url]
+    folder = Path(conf.get("core", "dags_folder")) / "pipelines"
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            urls.append(load_pipeline(path)[1].queue.url)
+        except ConfigError:
+            continue                         # the DAG folder's import error reports it
+    return list(dict.fromkeys(urls))
+
+
+class _NoQueue:
+    """A known queue with nothing in it yet (its SQLite file does not exist)."""
+
+    url = ""
+
+    def runs(self) -> list[str]:
+        return []
+
+    def stats(self, run: str) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 def _queue(url: Optional[str]):
-    from voxflow.config import QueueConfig
     from voxflow.queues import open_queue
-    return open_queue(url or QueueConfig().url)
+    known = known_queues()
+    if url is None:
+        url = known[0]
+    elif url not in known:
+        raise HTTPException(404, "no such queue in this deployment")
+    try:
+        return open_queue(url, readonly=True)
+    except FileNotFoundError:
+        return _NoQueue()
 
 
 def runs_report(queue_url: Optional[str] = None, limit: int = 50) -> list[dict]:

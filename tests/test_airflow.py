@@ -1,8 +1,11 @@
 """The pipeline as Airflow DAGs: parsing, the trigger form, and real runs through a real
 Airflow (api-server, scheduler, dag-processor, triggerer) started here on a loopback port."""
 import json
+import os
 import shutil
+import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,23 +25,20 @@ def dagbag(tmp_path_factory):
     return DagBag(str(REPO / "dags"))
 
 
-def test_every_pipeline_yaml_is_a_dag_with_the_stage_tasks(dagbag):
-    from operators.dag_factory import stage_kinds
-    from voxflow.config import parse_config
+def test_every_pipeline_yaml_is_a_dag_with_every_stage_kind(dagbag):
+    """Every DAG can run every kind of stage (the trigger form may ask for stages the YAML
+    lacks); a group the run does not need skips itself, so what follows runs on none_failed."""
+    from operators.dag_factory import KINDS
     assert dagbag.import_errors == {}
     assert sorted(dagbag.dags) == sorted(p.stem for p in PIPELINES) and PIPELINES
     for path in PIPELINES:
         dag = dagbag.dags[path.stem]
-        data = yaml.safe_load(path.read_text())
-        kinds = stage_kinds(parse_config({k: v for k, v in data.items() if k not in
-                                          ("schedule", "assets", "catchup", "description",
-                                           "tags")}, base_dir=path.parent))
-        expected = {"plan", "finalize"} | {f"{k}.{t}" for k in kinds
+        expected = {"plan", "finalize"} | {f"{k}.{t}" for k in KINDS
                                            for t in ("publish", "scale_up", "wait", "scale_down")}
         assert {t.task_id for t in dag.tasks} == expected
         down = {t.task_id: t.downstream_task_ids for t in dag.tasks}
-        assert down["plan"] == {f"{kinds[0]}.publish"}
-        for k, nxt in zip(kinds, kinds[1:] + [None]):
+        assert down["plan"] == {"inference.publish"}
+        for k, nxt in zip(KINDS, KINDS[1:] + (None,)):
             assert down[f"{k}.publish"] == {f"{k}.scale_up", f"{k}.scale_down"}
             assert down[f"{k}.scale_up"] == {f"{k}.wait", f"{k}.scale_down"}
             assert dag.get_task(f"{k}.scale_down").is_teardown
@@ -46,8 +46,12 @@ def test_every_pipeline_yaml_is_a_dag_with_the_stage_tasks(dagbag):
             # scale_up marks it failed after it may have started workers)
             assert dag.get_task(f"{k}.publish").is_setup and dag.get_task(
                 f"{k}.scale_up").is_setup
+            assert dag.get_task(f"{k}.publish").trigger_rule == "none_failed"
             after = f"{nxt}.publish" if nxt else "finalize"
             assert after in down[f"{k}.wait"]
+        finalize = dag.get_task("finalize")
+        assert finalize.trigger_rule == "none_failed"
+        assert [o.name for o in finalize.outlets] == [f"voxflow-output-{path.stem}"]
     durations = [s.duration for s in dagbag.dagbag_stats]
     assert sum(d.total_seconds() if hasattr(d, "total_seconds") else d
                for d in durations) < 2.0                  # nothing heavy at parse time
@@ -88,6 +92,13 @@ workers:
   inference: {{group: local://2, tasks_per_worker: 2}}
   downsample: local://1
 """
+# A crop pipeline without a pyramid: its DAG still has blend and downsample groups.
+CROP = PIPELINE.replace("output: {data}/out-default", "output: {data}/out-crop").replace(
+    "patch_overlap: [8, 8, 2]}}", "patch_overlap: [8, 8, 2], blend: crop}}").replace(
+    "downsample: {{mips: 1}}", "downsample: {{mips: 0}}")
+# Follows its model: replacing the model file starts a run by itself.
+WATCHED = PIPELINE.replace("output: {data}/out-default", "output: {data}/out-watched").replace(
+    "path: {data}/model.py", "path: {data}/watched.py") + "watch: [model]\nwatch_seconds: 1\n"
 
 MODEL = """
 import time, torch
@@ -115,10 +126,12 @@ def airflow(tmp_path_factory, pubsub):
     (data / "model.py").write_text(MODEL.format(delay=0))
     (data / "slow.py").write_text(MODEL.format(delay=5.0))
     (data / "medium.py").write_text(MODEL.format(delay=1.0))
+    (data / "watched.py").write_text(MODEL.format(delay=0))
     dags = root / "dags"
     (dags / "pipelines").mkdir(parents=True)
     shutil.copy(REPO / "dags" / "voxflow_pipelines.py", dags)
-    (dags / "pipelines" / "e2e.yaml").write_text(PIPELINE.format(data=data))
+    for name, text in (("e2e", PIPELINE), ("crop", CROP), ("watched", WATCHED)):
+        (dags / "pipelines" / f"{name}.yaml").write_text(text.format(data=data))
     import os
     os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
     try:
@@ -130,32 +143,45 @@ def airflow(tmp_path_factory, pubsub):
     try:
         af.tok = af.token()
         deadline = time.monotonic() + 120
-        while not af.api("GET", "/dags?dag_id_pattern=e2e", token=af.tok)["dags"]:
-            assert time.monotonic() < deadline, "the e2e DAG never appeared"
+        while {d["dag_id"] for d in af.api("GET", "/dags", token=af.tok)["dags"]} < {
+                "e2e", "crop", "watched"}:
+            assert time.monotonic() < deadline, "the pipeline DAGs never appeared"
             time.sleep(1)
         yield af
     finally:
         af.stop()
 
 
-def _trigger(af, conf):
-    return af.api("POST", "/dags/e2e/dagRuns", {"logical_date": None, "conf": conf},
+def _trigger(af, conf, dag="e2e"):
+    return af.api("POST", f"/dags/{dag}/dagRuns", {"logical_date": None, "conf": conf},
                   token=af.tok)["dag_run_id"]
 
 
-def _follow(af, run, timeout=300):
+def _follow(af, run, timeout=300, dag="e2e"):
     """Poll a run to its end; returns (state, {task: set of states seen})."""
     seen: dict[str, set] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = af.api("GET", f"/dags/e2e/dagRuns/{run}", token=af.tok)["state"]
-        for ti in af.api("GET", f"/dags/e2e/dagRuns/{run}/taskInstances",
+        state = af.api("GET", f"/dags/{dag}/dagRuns/{run}", token=af.tok)["state"]
+        for ti in af.api("GET", f"/dags/{dag}/dagRuns/{run}/taskInstances",
                          token=af.tok)["task_instances"]:
             seen.setdefault(ti["task_id"], set()).add(ti["state"])
         if state in ("success", "failed"):
             return state, seen
         time.sleep(0.5)
     raise AssertionError(f"run {run} did not finish: {seen}")
+
+
+def _plan_info(af, run, dag="e2e", timeout=180):
+    """The plan task's XCom: the voxflow run id, the effective config, the model digest."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return af.api("GET", f"/dags/{dag}/dagRuns/{run}/taskInstances/plan/xcomEntries/"
+                          "return_value", token=af.tok)["value"]
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404 and time.monotonic() < deadline, "plan left no XCom"
+            time.sleep(0.5)
 
 
 def _log(af, run, task):
@@ -167,7 +193,6 @@ def _log(af, run, task):
 
 
 def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
-    from operators.pipeline import run_id_for
     from voxflow.queues import open_queue
     from voxflow.volume import Volume
     a = _trigger(airflow, {"output": f"{airflow.data}/out-a",      # seconds of work per task
@@ -188,11 +213,16 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
     assert out_a.at_mip(1).read(out_a.at_mip(1).bounds).any()  # downsampled
     q = open_queue(f"sqlite://{airflow.data}/queue.db")
     for run, n in ((a, 2 * 2 * 2), (b, 1 * 2 * 2)):
-        stats = q.stats(run_id_for("e2e", run))
+        stats = q.stats(_plan_info(airflow, run)["run"])
         assert stats["inference"].done == stats["inference"].total == n
     summary = airflow.api("GET", f"/dags/e2e/dagRuns/{a}/taskInstances/finalize/xcomEntries/"
                           "return_value", token=airflow.tok)["value"]
     assert summary["voxels"] == 128 * 128 * 16 and summary["output"].endswith("out-a")
+    assert summary["model_digest"].startswith("sha256:")
+    # finalize announced the output layer: pipelines scheduled on it run next
+    events = airflow.api("GET", "/assets/events?limit=100", token=airflow.tok)["asset_events"]
+    assert any(e["uri"] == f"file://{airflow.data}/out-a" and e["source_dag_id"] == "e2e"
+               and e["source_run_id"] == a for e in events), events
     assert summary["neuroglancer"].startswith("voxflow view ")     # a local output
     links = airflow.api("GET", f"/dags/e2e/dagRuns/{a}/taskInstances/finalize/links",
                         token=airflow.tok)
@@ -203,7 +233,6 @@ def test_a_run_on_the_pubsub_queue(airflow):
     """The form switches the queue to Pub/Sub: the deferrable wait polls the ledger's counts,
     and finalize deletes the run's topics and subscriptions."""
     from google.cloud import pubsub_v1
-    from operators.pipeline import run_id_for
     from voxflow.queues import open_queue
     from voxflow.volume import Volume
     url = f"pubsub://test-project/af?ledger=file://{airflow.data}/ledger"
@@ -214,7 +243,7 @@ def test_a_run_on_the_pubsub_queue(airflow):
     img = Volume(f"file://{airflow.data}/image").read(out.bounds)
     want = 1 / (1 + np.exp(-(8 * img.astype(np.float32) / 255 - 4)))
     assert np.abs(out.read(out.bounds) - want).max() < 1e-5
-    stats = open_queue(url).stats(run_id_for("e2e", run))
+    stats = open_queue(url).stats(_plan_info(airflow, run)["run"])
     assert stats["inference"].done == stats["inference"].total == 2 * 2 * 2
     assert all(s.open == 0 and s.dead == 0 for s in stats.values())
     topics = [t.name for t in pubsub_v1.PublisherClient().list_topics(
@@ -223,7 +252,6 @@ def test_a_run_on_the_pubsub_queue(airflow):
 
 
 def test_bad_parameter_fails_at_plan_naming_the_field(airflow):
-    from operators.pipeline import run_id_for
     from voxflow.queues import open_queue
     run = _trigger(airflow, {"output": f"{airflow.data}/out-bad",
                              "inference.patch_overlap": [32, 8, 2]})
@@ -231,37 +259,136 @@ def test_bad_parameter_fails_at_plan_naming_the_field(airflow):
     assert state == "failed" and "failed" in seen["plan"]
     assert "inference.patch_overlap" in _log(airflow, run, "plan")
     assert "success" not in seen.get("inference.publish", set())
-    assert open_queue(f"sqlite://{airflow.data}/queue.db").stats(run_id_for("e2e", run)) == {}
+    runs = open_queue(f"sqlite://{airflow.data}/queue.db").runs()
+    assert not [r for r in runs if r.startswith("out-bad-")]
     assert not (airflow.data / "out-bad").exists()
 
 
-def test_cancelling_a_run_scales_its_workers_to_zero(airflow):
-    from operators.pipeline import run_id_for
+def _states(af, run, dag="e2e"):
+    return {ti["task_id"]: ti["state"] for ti in af.api(
+        "GET", f"/dags/{dag}/dagRuns/{run}/taskInstances", token=af.tok)["task_instances"]}
+
+
+def test_form_values_that_need_stages_the_yaml_lacks(airflow, tmp_path):
+    """crop.yaml has no blend stage and no pyramid. Triggered with `blend: overlap` and
+    `mips: 2` its run blends and builds both mips — equal to the CLI run of the same
+    parameters — and its plain run skips those groups."""
+    from voxflow.cli import main
+    from voxflow.volume import Volume
+    from conftest import INLINE
+    asked = _trigger(airflow, {"output": f"{airflow.data}/out-crop-form",
+                               "inference.blend": "overlap", "downsample.mips": 2}, dag="crop")
+    plain = _trigger(airflow, {}, dag="crop")
+    state, seen = _follow(airflow, asked, dag="crop")
+    assert state == "success", seen
+    states = _states(airflow, asked, "crop")
+    assert states["blend.wait"] == states["downsample.wait"] == "success", states
+    state, _ = _follow(airflow, plain, dag="crop")
+    states = _states(airflow, plain, "crop")
+    assert state == "success" and states["finalize"] == "success", states
+    assert {states[f"{k}.{t}"] for k in ("blend", "downsample")
+            for t in ("publish", "scale_up", "wait", "scale_down")} == {"skipped"}, states
+    assert not Volume(f"file://{airflow.data}/out-crop").num_mips > 1
+    config = json.loads(_plan_info(airflow, asked, dag="crop")["config"])
+    assert config["inference"]["blend"] == "overlap" and config["downsample"]["mips"] == 2
+    config.update(output=str(tmp_path / "cli-out"), queue=f"sqlite://{tmp_path}/queue.db",
+                  workers=INLINE)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "run.yaml"), "--quiet"]) == 0
+    for mip in (0, 1, 2):
+        got = Volume(f"file://{airflow.data}/out-crop-form", mip)
+        want = Volume(f"file://{tmp_path}/cli-out", mip)
+        assert got.bounds == want.bounds
+        assert np.array_equal(got.read(got.bounds), want.read(want.bounds)), mip
+
+
+def _alive_workers(group):
     from voxflow.groups.local import _alive
+    return {wid: pid for wid, pid in ((p.stem, int(p.read_text())) for p in group.glob("*.pid"))
+            if _alive(pid, wid)}
+
+
+def test_cancelling_a_run_stops_its_workers_even_without_the_teardown(airflow):
+    """Marked failed while its wait is deferred: the trigger's on_kill ends the run and the
+    workers stop by themselves, with the scheduler — which would run the scale_down
+    teardown — frozen the whole time."""
     from voxflow.queues import open_queue
     run = _trigger(airflow, {"output": f"{airflow.data}/out-cancel",   # minutes of work
                              "model.path": f"{airflow.data}/slow.py",
                              "inference.chunk": [32, 32, 8], "inference.batch_size": 1})
-    group = airflow.voxflow_home / "groups" / run_id_for("e2e", run) / "inference"
-    deadline = time.monotonic() + 180
-    while not (group.exists() and list(group.glob("*.pid"))):
-        assert time.monotonic() < deadline, "workers never started"
-        time.sleep(0.2)
-    workers = {p.stem: int(p.read_text()) for p in group.glob("*.pid")}
-    assert any(_alive(pid, wid) for wid, pid in workers.items())
-    airflow.api("PATCH", f"/dags/e2e/dagRuns/{run}", {"state": "failed"}, token=airflow.tok)
-    deadline = time.monotonic() + 180          # the scheduler can be slow on 2 loaded cores
-    # the teardown stops the workers, then removes their pid files: wait for both
-    while any(_alive(pid, wid) for wid, pid in workers.items()) or list(group.glob("*.pid")):
-        assert time.monotonic() < deadline, "the run's workers outlived its cancellation"
+    vrun = _plan_info(airflow, run)["run"]
+    q = open_queue(f"sqlite://{airflow.data}/queue.db")
+    group = airflow.voxflow_home / "groups" / vrun / "inference"
+    deadline = time.monotonic() + 240
+    while _states(airflow, run).get("inference.wait") != "deferred" or not \
+            _alive_workers(group):
+        assert time.monotonic() < deadline, "workers never started, or wait never deferred"
         time.sleep(0.5)
-    # stopped with work left: the teardown scaled them down (a worker only exits on its own
-    # after 60 s with nothing to pull, and there was plenty)
-    stats = open_queue(f"sqlite://{airflow.data}/queue.db").stats(run_id_for("e2e", run))
-    assert stats["inference"].pending > 0
-    tis = {ti["task_id"]: ti["state"] for ti in airflow.api(
-        "GET", f"/dags/e2e/dagRuns/{run}/taskInstances", token=airflow.tok)["task_instances"]}
-    assert tis["inference.scale_down"] == "success"
+    beat = q.run_state(vrun).heartbeat
+    while q.run_state(vrun).heartbeat <= beat:       # the trigger itself is running
+        assert time.monotonic() < deadline, "the trigger never heart-beat"
+        time.sleep(0.5)
+    workers = _alive_workers(group)
+    scheduler = airflow.procs["scheduler"].pid
+    os.killpg(scheduler, signal.SIGSTOP)
+    try:
+        for attempt in range(5):                     # the frozen scheduler may hold the DB
+            try:
+                airflow.api("PATCH", f"/dags/e2e/dagRuns/{run}", {"state": "failed"},
+                            token=airflow.tok)
+                break
+            except urllib.error.HTTPError:
+                os.killpg(scheduler, signal.SIGCONT)
+                time.sleep(0.5)
+                os.killpg(scheduler, signal.SIGSTOP)
+        else:
+            raise AssertionError("could not mark the run failed")
+        t0 = time.monotonic()
+        while _alive_workers(group):
+            assert time.monotonic() - t0 < 30, "the run's workers outlived its cancellation"
+            time.sleep(0.2)
+        assert _states(airflow, run)["inference.scale_down"] != "success"   # never ran
+    finally:
+        os.killpg(scheduler, signal.SIGCONT)
+    from voxflow.groups.local import _alive
+    assert not any(_alive(pid, wid) for wid, pid in workers.items())
+    assert q.run_state(vrun).state == "cancelled"
+    stats = q.stats(vrun)["inference"]
+    assert stats.pending > 0 and stats.leased == 0     # stopped with work left, leases given back
+    deadline = time.monotonic() + 180                  # leave Airflow calm for the next tests
+    while _states(airflow, run)["inference.scale_down"] not in ("success", "failed", "skipped",
+                                                                "upstream_failed"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+
+
+def test_a_watched_model_starts_a_run_when_it_changes(airflow):
+    """watched.yaml watches its model file: replacing it starts a run by itself, and the run
+    computes with the new model."""
+    from voxflow.volume import Volume
+    deadline = time.monotonic() + 180
+    while True:
+        assets = airflow.api("GET", "/assets?name_pattern=voxflow-watch-watched",
+                             token=airflow.tok)["assets"]
+        if assets:
+            store = airflow.api("GET", f"/assets/{assets[0]['id']}/state-store",
+                                token=airflow.tok)
+            if any(e["key"] == "digests" for e in store["asset_state_store"]):
+                break                                  # the watcher took its baseline
+        assert time.monotonic() < deadline, "the model watcher never started"
+        time.sleep(1)
+    assert airflow.api("GET", "/dags/watched/dagRuns", token=airflow.tok)["dag_runs"] == []
+    (airflow.data / "watched.py").write_text(MODEL.format(delay=0).replace("8 * x - 4",
+                                                                           "3 - 6 * x"))
+    while not (runs := airflow.api("GET", "/dags/watched/dagRuns",
+                                   token=airflow.tok)["dag_runs"]):
+        assert time.monotonic() < deadline + 120, "no run started after the model changed"
+        time.sleep(1)
+    state, seen = _follow(airflow, runs[0]["dag_run_id"], dag="watched")
+    assert state == "success", seen
+    out = Volume(f"file://{airflow.data}/out-watched")
+    img = Volume(f"file://{airflow.data}/image").read(out.bounds).astype(np.float32) / 255
+    assert np.abs(out.read(out.bounds) - 1 / (1 + np.exp(-(3 - 6 * img)))).max() < 1e-5
 
 
 def test_schedule_and_asset_triggers(tmp_path):
@@ -286,8 +413,21 @@ def test_schedule_and_asset_triggers(tmp_path):
     assert dag_for("caught_up", schedule="@daily", catchup=True).catchup
 
 
+def test_runs_page_opens_only_the_deployments_queues(airflow, tmp_path):
+    unknown = tmp_path / "elsewhere" / "queue.db"
+    for url in (f"sqlite://{unknown}", "pubsub://other-project/x?ledger=gs://theirs/l"):
+        for path in ("/voxflow/runs", "/voxflow/"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _plugin_get(airflow, f"{path}?queue={url}")
+            assert err.value.code == 404
+    assert not unknown.parent.exists()
+    default = airflow.voxflow_home / "queue.db"         # embedded default: no run used it
+    assert not default.exists()
+    assert _plugin_get(airflow, "/voxflow/runs") == []
+    assert not default.exists()                         # a GET changes nothing
+
+
 def test_plugin_runs_page_needs_login_and_shows_progress(airflow):
-    import urllib.error
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{airflow.url}/voxflow/runs", timeout=30)
     assert err.value.code in (401, 403)

@@ -112,15 +112,18 @@ def test_pubsub_subscription_request_and_dead_letter_backstop(tmp_path, pubsub):
         and dead_letter_attempts(50) == 100                 # Pub/Sub's allowed range
 
     # Pub/Sub forwards a message that was delivered too often to the dead-letter topic (the
-    # emulator ignores the policy, so forward one by hand): stats records it as dead.
+    # emulator ignores the policy, so forward one by hand): the driver's heartbeat records
+    # it as dead.
     (lease,) = queue.pull(["inference"], 1, "w")
     queue.publisher.publish(f"projects/test-project/topics/{rid}-dead", lease.body.encode(),
                             run="run:1+x", stage="inference", kind="inference",
                             index=str(lease.index)).result()
+    queue.heartbeat("run:1+x")
     s = queue.stats("run:1+x")["inference"]
     assert (s.dead, s.done, s.total) == (1, 0, 3)
     (dead,) = queue.dead_letters("run:1+x")
     assert dead.index == lease.index and "dead-letter topic" in dead.error
+    queue.heartbeat("run:1+x")
     assert queue.stats("run:1+x")["inference"].dead == 1     # drained once, counted once
 
     queue.forget_run("run:1+x")

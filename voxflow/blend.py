@@ -32,15 +32,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .config import RunConfig
-from .geometry import Box, Vec3, vec3
+from .geometry import Box, Vec3, ceil_div, vec3
 from .inference import PROFILES, Weighting
 from .storage import Storage
 
 TEMPORARY_SUFFIX = ".voxflow-tmp"
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def axis_lattice(lo: int, hi: int, patch: int, stride: int) -> tuple[int, ...]:
@@ -169,7 +165,7 @@ def _choose_cuts(starts: Sequence[int], patch: int, lo: int, hi: int, chunk: int
     target (never half a task), so tasks stay close to the nominal size.
     """
     length, n = hi - lo, len(starts)
-    tasks = _ceil_div(length, chunk)
+    tasks = ceil_div(length, chunk)
     if n == 1 or tasks == 1:
         return []
     reach = max(1, min(length // (2 * tasks), max(stride, storage)))
@@ -195,7 +191,7 @@ def _floor_to(x: int, origin: int, storage: int) -> int:
 
 
 def _ceil_to(x: int, origin: int, storage: int) -> int:
-    return origin + _ceil_div(x - origin, storage) * storage
+    return origin + ceil_div(x - origin, storage) * storage
 
 
 def _band_width(a: int, b: int, origin: int, storage: int) -> int:

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .pipeline_file import load_pipeline
 
 
 class TqdmReporter:
@@ -93,17 +94,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="voxflow", description="ConvNet inference over "
                                      "large 3D images, chunk by chunk.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("validate", "check a run config (reads the input, loads the model)"),
-                       ("plan", "show task counts, voxels and bytes per stage"),
+    validate = sub.add_parser("validate", help="check run configs or pipeline files (reads "
+                              "the input, loads the model)")
+    validate.add_argument("configs", nargs="+", metavar="config",
+                          help="run config or pipeline file (YAML), e.g. dags/pipelines/*.yaml")
+    for name, text in (("plan", "show task counts, voxels and bytes per stage"),
                        ("run", "run all stages in this process")):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("config", help="run config (YAML)")
+        cmd.add_argument("config", help="run config or pipeline file (YAML)")
         if name == "plan":
             cmd.add_argument("--json", action="store_true", help="print JSON")
         if name == "run":
             cmd.add_argument("--quiet", action="store_true", help="no progress bars")
-            cmd.add_argument("--run-id", help="default: the output's name and a hash of the "
-                             "config (the same config resumes)")
+            cmd.add_argument("--run-id", help="default: the output's name and a digest of "
+                             "what determines its bytes — model file, input, parameters — so "
+                             "the same content resumes")
     demo = sub.add_parser("demo", help="synthetic EM volume -> boundary map + pyramid + PNG")
     demo.add_argument("--dir", default="demo-output", help="where to write (default: "
                       "./demo-output)")
@@ -119,6 +124,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS")
     worker.add_argument("--threads", type=int, help="torch threads")
     worker.add_argument("--no-prefetch", action="store_true")
+    worker.add_argument("--run", action="append", dest="runs", metavar="RUN",
+                        help="serve only this run (repeatable); the worker exits once every "
+                        "named run has ended or its driver went quiet")
+    worker.add_argument("--leave-group", action="store_true",
+                        help="on a Compute Engine VM: leave its managed instance group when "
+                        "the named runs have ended (the group shrinks to zero by itself)")
     for name, text in (("status", "a run's tasks per stage, and its dead letters"),
                        ("retry-dead", "give a run's dead tasks new attempts")):
         cmd = sub.add_parser(name, help=text)
@@ -156,11 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             finally:
                 server.server_close()
             return 0
-        config = load_config(args.config)
         if args.command == "validate":
-            pipeline.plan(config)
-            print(f"ok: {args.config}")
-        elif args.command == "plan":
+            return _validate(args.configs)
+        config = load_pipeline(args.config)[1]
+        if args.command == "plan":
             report = _plan_report(pipeline.plan(config))
             if args.json:
                 print(json.dumps(report, indent=2))
@@ -172,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for s in summary.stages:
                 print(f"{s.name}: {s.tasks} tasks ({s.skipped} already done) in "
                       f"{s.seconds:.1f} s")
-            print(f"done: {summary.voxels} voxels -> {summary.output}")
+            print(f"done: {summary.voxels} voxels -> {summary.output} (model "
+                  f"{summary.model_digest})")
     except ConfigError as exc:
         print(f"voxflow: error: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +191,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"voxflow: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _validate(paths: Sequence[str]) -> int:
+    """Each file on its own: one bad file is reported and the others still checked."""
+    from .pipeline import plan
+    bad = 0
+    for path in paths:
+        try:
+            plan(load_pipeline(path)[1])
+            print(f"ok: {path}")
+        except ConfigError as exc:
+            where = f"{path}: " if len(paths) > 1 else ""
+            print(f"voxflow: error: {where}{exc}", file=sys.stderr)
+            bad += 1
+    return 2 if bad else 0
 
 
 def _worker(args) -> int:
@@ -196,14 +222,24 @@ def _worker(args) -> int:
     queue = open_queue(args.queue, lease_seconds=args.lease_seconds)
     from .stages import stage_kind
     kinds = sorted({stage_kind(k) for k in args.kinds}) if args.kinds else None
-    worker = Worker(queue, StageCache(queue.run_params), kinds, args.worker_id,
-                    args.lease_seconds, prefetch=not args.no_prefetch)
+    worker = Worker(queue, StageCache(queue), kinds, args.worker_id, args.lease_seconds,
+                    prefetch=not args.no_prefetch, runs=args.runs)
     stop = lambda signum, frame: worker.stop.set()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     worker.run(args.exit_when_idle)
+    code = 0
+    if args.leave_group and worker.runs_ended():
+        # its run is over: the VM leaves its group (which shrinks to zero by itself); if it
+        # cannot, exit non-zero so that systemd starts the worker again and it tries again
+        from .groups.gce import leave_group
+        try:
+            code = 0 if leave_group() else 1
+        except Exception as exc:
+            worker.log("leave_group_failed", "error", error=str(exc))
+            code = 1
     sys.stderr.flush()
-    os._exit(0)          # do not wait for a compute thread that a stop left running
+    os._exit(code)       # do not wait for a compute thread that a stop left running
 
 
 def _status(args) -> int:
@@ -215,9 +251,12 @@ def _status(args) -> int:
               "run the config again to process them")
         return 0
     stats = queue.stats(args.run)
-    if not stats:
+    state = queue.run_state(args.run)
+    if not stats and state is None:
         print(f"voxflow: error: run: no run {args.run!r} in {queue.url}", file=sys.stderr)
         return 2
+    if state is not None:
+        print(f"run {args.run}: {state.state}, model {state.meta.get('model_digest', '?')}")
     print(f"{'stage':>14} {'total':>9} {'pending':>9} {'leased':>9} {'done':>9} {'dead':>9}")
     for name, s in stats.items():
         print(f"{name:>14} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} {s.dead:>9}")

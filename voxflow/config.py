@@ -198,6 +198,15 @@ class QueueConfig(_Section):
                                  "task; workers extend it while they work.")
     max_attempts: PositiveInt = Field(3, description="Deliveries before a task goes to dead "
                                       "letters with its last error.")
+    retention_seconds: Annotated[int, Field(ge=600, le=604_800)] = Field(
+        604_800, description="Pub/Sub: how long a subscription keeps an unacknowledged "
+        "message (10 minutes to Pub/Sub's maximum, 7 days). A stage open longer is "
+        "republished (tasks neither done nor dead) before its messages may expire.")
+    driver_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        300.0, description="Workers give a run up (drop its tasks; local and gce groups "
+        "shrink to zero by themselves) once its driver — `voxflow run`, or the Airflow "
+        "DAG's tasks and triggers — has not heart-beaten for this long, or at once when "
+        "the run is cancelled or failed.")
 
     _shorthand = _string_means("url")
 
@@ -423,6 +432,10 @@ class RunConfig(_Section):
                                  "Default: the input's bounds.")
     model: ModelConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    input_missing: Literal["error", "zeros"] = Field(
+        "error", description="A missing chunk of the input layer inside what a task reads: "
+        "error (the task fails naming the chunk file) or zeros (read as 0, for layers that "
+        "are sparse on purpose).")
     output_dtype: Literal["float32", "float16", "uint8"] = Field(
         "float32", description="uint8 stores round(255 * p), p clipped to [0, 1].")
     storage_chunk: Size3 = Field([64, 64, 8], description="Storage chunk of the output "

@@ -14,18 +14,14 @@ from typing import Sequence
 import numpy as np
 import tinybrain
 
-from .geometry import Box, ChunkGrid, vec3
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from .geometry import Box, ChunkGrid, Vec3, ceil_div, vec3
 
 
 def mip_bounds(bounds0: Box, factor: Sequence[int], mip: int) -> Box:
     """Bounds of mip `mip` of a layer whose mip 0 has `bounds0` (as cloud-volume computes)."""
     scale = [f ** mip for f in factor]
     start = [a // s for a, s in zip(bounds0.start, scale)]
-    return Box.from_shape(start, [_ceil_div(n, s) for n, s in zip(bounds0.shape, scale)])
+    return Box.from_shape(start, [ceil_div(n, s) for n, s in zip(bounds0.shape, scale)])
 
 
 def to_mip(box: Box, bounds0: Box, factor: Sequence[int], mip: int) -> Box:
@@ -33,7 +29,7 @@ def to_mip(box: Box, bounds0: Box, factor: Sequence[int], mip: int) -> Box:
     scale = [f ** mip for f in factor]
     off = mip_bounds(bounds0, factor, mip).start
     return Box([o + (a - a0) // s for o, a, a0, s in zip(off, box.start, bounds0.start, scale)],
-               [o + _ceil_div(b - a0, s) for o, b, a0, s in
+               [o + ceil_div(b - a0, s) for o, b, a0, s in
                 zip(off, box.stop, bounds0.start, scale)])
 
 
@@ -51,7 +47,7 @@ class DownsamplePass:
         origin_t = [a // s for a, s in zip(self.grid.origin, scale)]
         start = [o + (a - g) // s for o, a, g, s in
                  zip(origin_t, source_box.start, self.grid.origin, scale)]
-        return Box.from_shape(start, [_ceil_div(n, s) for n, s in zip(source_box.shape, scale)])
+        return Box.from_shape(start, [ceil_div(n, s) for n, s in zip(source_box.shape, scale)])
 
 
 def plan_downsample(bounds0: Box, region0: Box, chunk: Sequence[int], factor: Sequence[int],
@@ -72,7 +68,7 @@ def plan_downsample(bounds0: Box, region0: Box, chunk: Sequence[int], factor: Se
         region = to_mip(region0, bounds0, factor, source)
         off = bounds.start
         snapped = Box([o + (a - o) // s * s for o, a, s in zip(off, region.start, shape)],
-                      [o + _ceil_div(b - o, s) * s for o, b, s in zip(off, region.stop, shape)])
+                      [o + ceil_div(b - o, s) * s for o, b, s in zip(off, region.stop, shape)])
         grid = ChunkGrid(snapped.intersect(bounds), shape, origin=off)
         passes.append(DownsamplePass(source, m, grid))
         source += m
@@ -87,22 +83,52 @@ def downsample(image: np.ndarray, factor: Sequence[int], mips: int,
                segmentation: bool = False) -> list[np.ndarray]:
     """Mips 1..`mips` of a (c, z, y, x) array: averaging, or mode when `segmentation`.
 
-    One level at a time, so a task's result never depends on where the task ends. An odd
-    extent's last voxel is averaged with itself (edge replication): tinybrain 1.7's 2x2
-    averaging mishandles odd x/y extents, and the replicated average is what an odd tail
-    means anyway.
+    Averages come from one tinybrain call, as igneous makes a task's mips: tinybrain sums
+    across levels and rounds each mip once (uint8: the floor of its block's mean); rounding
+    at every level drifted up to 2 grey levels by mip 3. tinybrain 1.7's 2x2 kernel
+    mishandles odd x/y extents, which tasks have only at the layer's far edge; there the
+    input is first extended as if every level replicated its last voxel (`_tail_index`), so
+    the tail does not depend on how the pyramid is split into passes.
     """
     factor = vec3(factor)
     img = np.asfortranarray(image.transpose(3, 2, 1, 0))  # x, y, z, c
+    if segmentation:
+        return _mode_pyramid(img, factor, mips)
+    shape = img.shape[:3]
+    index = [_tail_index(n, f, mips) for n, f in zip(shape, factor)]
+    if any(len(i) > n for i, n in zip(index, shape)):
+        img = np.asfortranarray(img[np.ix_(*index, np.arange(img.shape[3]))])
+    if img.dtype == np.float16:               # tinybrain 1.7's 1-mip kernel has no float16
+        img = img.astype(np.float32, order="F")
+    levels = tinybrain.downsample_with_averaging(img, factor, num_mips=mips)
+    crops = [tuple(slice(ceil_div(n, f ** k)) for n, f in zip(shape, factor))
+             for k in range(1, mips + 1)]
+    return [np.ascontiguousarray(level[crop].transpose(3, 2, 1, 0)).astype(image.dtype,
+                                                                           copy=False)
+            for level, crop in zip(levels, crops)]
+
+
+def _tail_index(n: int, f: int, mips: int) -> np.ndarray:
+    """Mip-0 indices along one axis that make every level's extent a multiple of f: where
+    level j's is not, its last voxel is repeated, i.e. the last f^j mip-0 voxels. Block sums
+    then equal those of edge replication at every level, exactly (padding mip 0 alone once
+    would weigh the last mip-0 voxel more, wherever a higher level's extent is odd)."""
+    index = np.arange(n)
+    for j in range(mips):
+        slab = f ** j
+        index = np.concatenate([index] + [index[-slab:]] * (-(len(index) // slab) % f))
+    return index
+
+
+def _mode_pyramid(img: np.ndarray, factor: Vec3, mips: int) -> list[np.ndarray]:
+    """Modes of an (x, y, z, c) array one level at a time (a mode of modes either way:
+    tinybrain's multi-mip call recurses too); an extent of 1 is edge-padded to a 2x2 block,
+    odd ones are left to tinybrain's mode kernel."""
     out = []
     for _ in range(mips):
-        pad = [(0, n % 2 if f == 2 and (not segmentation or n == 1) else 0)
-               for n, f in zip(img.shape[:3], factor)] + [(0, 0)]
+        pad = [(0, 1 if f == 2 and n == 1 else 0) for n, f in zip(img.shape[:3], factor)]
         if any(p[1] for p in pad):
-            img = np.asfortranarray(np.pad(img, pad, mode="edge"))
-        if segmentation:
-            img = tinybrain.downsample_segmentation(img, factor, num_mips=1)[0]
-        else:
-            img = tinybrain.downsample_with_averaging(img, factor, num_mips=1)[0]
+            img = np.asfortranarray(np.pad(img, pad + [(0, 0)], mode="edge"))
+        img = tinybrain.downsample_segmentation(img, factor, num_mips=1)[0]
         out.append(np.ascontiguousarray(img.transpose(3, 2, 1, 0)))
     return out

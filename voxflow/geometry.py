@@ -18,7 +18,8 @@ def vec3(values: Sequence[int]) -> Vec3:
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
-def _ceil_div(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) in integers (floats lose exactness on large voxel counts)."""
     return -(-a // b)
 
 
@@ -100,7 +101,7 @@ class ChunkGrid:
             raise ValueError(f"bbox {self.bbox} is empty")
         # derived once: box(i) is on the publish hot path (10^7 calls for a large run)
         first = vec3([(s - o) // c for s, o, c in zip(self.bbox.start, self.origin, self.chunk)])
-        counts = vec3([_ceil_div(b - o, c) - f for b, o, c, f in
+        counts = vec3([ceil_div(b - o, c) - f for b, o, c, f in
                        zip(self.bbox.stop, self.origin, self.chunk, first)])
         object.__setattr__(self, "first", first)
         object.__setattr__(self, "counts", counts)

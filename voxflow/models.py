@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import inspect
+import io
+import sys
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig
+from .identity import digest_model_bytes, read_model_files
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
 
@@ -42,12 +45,14 @@ def _static_batch(program: torch.export.ExportedProgram) -> Optional[int]:
     return None
 
 
-def _load_python(cfg: ModelConfig) -> torch.nn.Module:
+def _load_python(cfg: ModelConfig, source: bytes, weights: Optional[bytes]) -> torch.nn.Module:
+    """Build the module a .py file defines, from the bytes that were hashed."""
     path = Path(cfg.path)
     name = "voxflow_user_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module                 # dataclasses and pickling look modules up
+    exec(compile(source, str(path), "exec"), module.__dict__)
     if cfg.entry:
         if not hasattr(module, cfg.entry):
             raise ConfigError("model.entry", f"{path.name} defines no {cfg.entry!r}")
@@ -64,15 +69,12 @@ def _load_python(cfg: ModelConfig) -> torch.nn.Module:
                               "model.entry")
         factory = classes[0]
     net = factory()
-    if cfg.weights:
-        wpath = Path(cfg.weights)
-        if not wpath.is_file():
-            raise ConfigError("model.weights", f"file {wpath} not found")
-        if wpath.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(wpath))
+    if weights is not None:
+        if Path(cfg.weights).suffix == ".safetensors":
+            from safetensors.torch import load as load_safetensors
+            state = load_safetensors(weights)
         else:
-            state = torch.load(wpath, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
@@ -88,22 +90,23 @@ class Model:
         self.config = cfg
         self.device = torch.device(device)
         path = Path(cfg.path)
-        if not path.is_file():
-            raise ConfigError("model.path", f"file {path} not found")
+        data, weights = read_model_files(cfg)
+        # loaded from the very bytes that were hashed: what runs is what the digest names
+        self.digest = digest_model_bytes(data, weights)
         self.static_batch: Optional[int] = None
         on_cuda = self.device.type == "cuda"
         if path.suffix == ".pt2":
-            program = torch.export.load(str(path))
+            program = torch.export.load(io.BytesIO(data))
             self.static_batch = _static_batch(program)
             if on_cuda:
                 from torch.export.passes import move_to_device_pass
                 program = move_to_device_pass(program, self.device)
             self._net = program.module()
         elif path.suffix == ".py":
-            self._net = _load_python(cfg).to(self.device).eval()
+            self._net = _load_python(cfg, data, weights).to(self.device).eval()
         elif path.suffix in TORCHSCRIPT_SUFFIXES:
             try:
-                self._net = torch.jit.load(str(path), map_location=self.device).eval()
+                self._net = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
             except RuntimeError as exc:
                 raise ConfigError("model.path", f"{path.name} is not a TorchScript file: "
                                   f"{str(exc).splitlines()[0]}") from None

@@ -2,16 +2,19 @@
 
 Each stage's tasks go through the queue; a worker group, sized by the autoscaler, serves
 them; the driver only watches the stage's counters (progress) until nothing is open, then
-scales the group to zero — also when the run fails or is interrupted. Re-running the same
-run skips the tasks already done, as long as the output layer still exists (a run that has to
-create its output forgets the run's old done records). A stage with dead tasks stops the run:
+scales the group to zero — also when the run fails or is interrupted. While it waits it
+heart-beats; when it ends (succeeded, failed, interrupted) it says so, and workers give the
+run up at once; a driver killed outright stops heart-beating, and workers give the run up
+after `queue.driver_timeout_seconds` — no group outlives its run. The run id follows the
+run's content (`voxflow.identity`): re-running the same model and parameters skips the
+tasks already done, as long as the output layer still exists (a run that has to create its
+output forgets the run's old done records). A stage with dead tasks stops the run:
 later stages would read incomplete data. In overlap mode the run's temporary partial sums are
 deleted once every stage has succeeded (unless `inference.keep_temporary`); a failed or
 interrupted run keeps them, so resuming it skips the inference already done.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -22,10 +25,14 @@ from .blend import TemporaryStore, temporary_url
 from .config import RunConfig, voxflow_home
 from .groups import Autoscaler, open_group
 from .messages import encode
+from .identity import run_identity
 from .pipeline import Plan, create_layers, plan
 from .queues import DeadLetter, TaskQueue, open_queue
 from .stages import StageCache, stage_grid, stage_kind, stage_names
 from .worker import JsonLog, Worker
+
+HEARTBEAT_SECONDS = 2.0         # how often a waiting driver says it is alive
+HEARTBEAT_EVERY = 100_000       # ... and every so many published messages
 
 
 class Reporter(Protocol):
@@ -64,36 +71,59 @@ class RunSummary:
     run: str
     output: str
     voxels: int
+    model_digest: str
     stages: list[StageSummary] = field(default_factory=list)
 
 
 def default_run_id(config: RunConfig) -> str:
-    """Same config, same run id: re-running resumes. Readable: the output layer's name."""
-    digest = hashlib.sha1(config.model_dump_json().encode()).hexdigest()[:10]
-    name = config.output.rstrip("/").rsplit("/", 1)[-1]
-    return f"{name}-{digest}"
+    """Same content, same run id: re-running resumes (see `voxflow.identity`)."""
+    return run_identity(config).run_id(config.output)
+
+
+def register(config: RunConfig, p: Plan, run_id: Optional[str] = None) -> tuple[str, dict]:
+    """Create the output layers and register the run with its queue (any orchestrator calls
+    this once plan has succeeded). Returns the run id and what the queue keeps with it."""
+    identity = run_identity(config)
+    run_id = run_id or identity.run_id(config.output)
+    created = create_layers(p)
+    meta = {**identity.meta(), "driver_timeout": config.queue.driver_timeout_seconds}
+    queue = open_queue(config.queue.url, **queue_options(config))
+    try:
+        if created:
+            queue.forget_run(run_id)      # done records describe an output that is gone
+        queue.register_run(run_id, config.model_dump_json(), config.queue.max_attempts, meta)
+    finally:
+        queue.close()
+    return run_id, meta
+
+
+def queue_options(config: RunConfig) -> dict:
+    return {"lease_seconds": config.queue.lease_seconds,
+            "max_attempts": config.queue.max_attempts,
+            "retention_seconds": config.queue.retention_seconds}
 
 
 def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional[str] = None,
         poll_seconds: float = 0.2) -> RunSummary:
-    run_id = run_id or default_run_id(config)
     p = plan(config)
-    created = create_layers(p)
-    queue = open_queue(config.queue.url, lease_seconds=config.queue.lease_seconds,
-                       max_attempts=config.queue.max_attempts)
-    if created:
-        queue.forget_run(run_id)          # done records describe an output that is gone
-    queue.register_run(run_id, config.model_dump_json(), config.queue.max_attempts)
+    run_id, meta = register(config, p, run_id)
+    queue = open_queue(config.queue.url, **queue_options(config))
     if reporter:
         reporter.begin(run_id, queue.url)
-    summary = RunSummary(run_id, config.output, p.bbox.size)
+    summary = RunSummary(run_id, config.output, p.bbox.size, meta["model_digest"])
     poll_seconds = max(poll_seconds, getattr(queue, "poll_seconds", 0.0))
+    ended = "failed"
     try:
         for name in stage_names(p):
             summary.stages.append(_run_stage(config, p, queue, run_id, name, reporter,
                                              poll_seconds))
         queue.finish(run_id)
+        ended = "succeeded"
+    except KeyboardInterrupt:
+        ended = "cancelled"
+        raise
     finally:
+        queue.end_run(run_id, ended)      # workers give the run up at once
         queue.close()
     if config.inference.blend == "overlap" and not config.inference.keep_temporary:
         delete_temporary(config, run_id)
@@ -107,13 +137,27 @@ def delete_temporary(config: RunConfig, run_id: str) -> None:
 
 
 def publish_stage(queue: TaskQueue, run_id: str, p: Plan, name: str) -> int:
-    """Publish every task of a stage (streamed from its lazy grid); returns how many were
-    already done (a resumed run skips them)."""
+    """Publish every task of a stage (streamed from its lazy grid), heart-beating as it goes
+    (publishing 10^7 tasks takes minutes); returns how many were already done (a resumed
+    run skips them). Publishing again re-sends only what the queue may have lost."""
     grid, kind = stage_grid(p, name), stage_kind(name)
     before = queue.stats(run_id).get(name)
-    queue.publish(run_id, name, kind,
-                  ((i, encode(run_id, name, i, grid.box(i))) for i in range(len(grid))))
+
+    def messages():
+        for i in range(len(grid)):
+            if i and i % HEARTBEAT_EVERY == 0:
+                queue.heartbeat(run_id)
+            yield i, encode(run_id, name, i, grid.box(i))
+
+    queue.publish(run_id, name, kind, messages())
     return before.done if before else 0
+
+
+def heartbeat(queue: TaskQueue, run_id: str, p: Plan) -> None:
+    """The driver's periodic duty while a run is open: say it is alive, and republish the
+    stages whose messages may have outlived the queue's retention."""
+    for name in queue.heartbeat(run_id):
+        publish_stage(queue, run_id, p, name)
 
 
 def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageSummary:
@@ -125,23 +169,26 @@ def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageS
         reporter.start(name, stats.total, skipped)
     workers = getattr(config.workers, kind)
     log_dir = voxflow_home() / "logs" / run_id
-    group = open_group(workers.group, queue.url, kind,
-                       log_dir=log_dir,
-                       lease_seconds=config.queue.lease_seconds, capacity=workers.max,
-                       gce=workers.gce)
+    group = open_group(workers.group, queue.url, kind, gce=workers.gce, run=run_id,
+                       log_dir=log_dir, lease_seconds=config.queue.lease_seconds,
+                       capacity=workers.max)
     inline: Optional[Worker] = None
     thread: Optional[threading.Thread] = None
     if group is None:                              # local://0: this process works the queue
         log_dir.mkdir(parents=True, exist_ok=True)
         wid = f"driver-{os.getpid()}"
-        inline = Worker(queue, StageCache(queue.run_params), [kind], worker_id=wid,
+        inline = Worker(queue, StageCache(queue), [kind], worker_id=wid, runs=[run_id],
                         log=JsonLog(wid, open(log_dir / f"{wid}.log", "a")))
         thread = threading.Thread(target=inline.run, name="voxflow-inline-worker", daemon=True)
         thread.start()
     scaler = Autoscaler(group, workers.min, workers.max, workers.tasks_per_worker) \
         if group else None
+    beat = 0.0
     try:
         while True:
+            if time.monotonic() - beat >= HEARTBEAT_SECONDS:
+                heartbeat(queue, run_id, p)
+                beat = time.monotonic()
             stats = queue.stats(run_id)[name]
             if reporter:
                 reporter.update(stats.done, stats.dead)

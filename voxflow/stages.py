@@ -11,7 +11,7 @@ Stages of a run: inference (crop mode: `InferenceStage`; overlap mode:
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class InferenceStage:
         self.window = SlidingWindow(self.model, cfg.model.input_patch, cfg.model.output_patch,
                                     cfg.inference.patch_overlap, cfg.inference.batch_size,
                                     cfg.inference.weighting)
-        self._input = Volume(cfg.input, cfg.mip)
+        self._input = Volume(cfg.input, cfg.mip, fill_missing=cfg.input_missing == "zeros")
         self._output = Volume(cfg.output)
 
     def __len__(self) -> int:
@@ -234,29 +234,44 @@ def build_stage(p: Plan, name: str, run: str, model: Optional[Model] = None) -> 
     return DownsampleStage(p, int(name.partition("-")[2]))
 
 
+class ModelChanged(RuntimeError):
+    """The model file is not the one the run was planned with."""
+
+
 class StageCache:
     """Builds a run's stages from the parameters stored with the run, once per run.
 
-    Keeps the most recent runs only (a worker serving many runs must not keep every model).
+    The model is loaded (once, on the worker's device) when the run's first inference task
+    arrives, and refused unless its digest is the one the run was planned with: a model file
+    overwritten mid-run would otherwise mix two models in one output. Keeps the most recent
+    runs only (a worker serving many runs must not keep every model).
     """
 
-    def __init__(self, params: Callable[[str], str], keep: int = 2):
-        self._params = params
+    def __init__(self, queue, keep: int = 2):
+        self._queue = queue
         self._keep = keep
-        self._runs: dict[str, tuple[Plan, Optional[Model], dict[str, Stage]]] = {}
+        self._runs: dict[str, tuple[Plan, dict[str, Stage]]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, run: str, name: str) -> Stage:
         with self._lock:
             if run not in self._runs:
-                config = RunConfig.model_validate_json(self._params(run))
-                model = None
-                if stage_kind(name) == "inference":   # load once, on the worker's device
-                    model = Model(config.model, pick_device(config.inference.device))
-                self._runs[run] = (plan(config, model, check_model=False), model, {})
+                config = RunConfig.model_validate_json(self._queue.run_params(run))
+                self._runs[run] = (plan(config, check_model=False), {})
                 while len(self._runs) > self._keep:
                     self._runs.pop(next(iter(self._runs)))
-            p, model, stages = self._runs[run]
+            p, stages = self._runs[run]
             if name not in stages:
+                model = self._model(run, p.config) if stage_kind(name) == "inference" else None
                 stages[name] = build_stage(p, name, run, model)
             return stages[name]
+
+    def _model(self, run: str, config: RunConfig) -> Model:
+        model = Model(config.model, pick_device(config.inference.device))
+        state = self._queue.run_state(run)
+        planned = (state.meta if state else {}).get("model_digest")
+        if planned and model.digest != planned:
+            raise ModelChanged(f"model.path: {config.model.path} changed since run {run} was "
+                               f"planned (planned {planned[:19]}, found {model.digest[:19]}): "
+                               "run again, which starts a new run for the new model")
+        return model

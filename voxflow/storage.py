@@ -17,6 +17,7 @@ prefix, with '/' separators; objects are stored as given (never compressed).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
@@ -55,6 +56,13 @@ def _check_key(key: str, *, prefix: bool = False) -> str:
     if not prefix and key.endswith(_COMPRESSED):
         raise ValueError(f"bad storage key {key!r}: it ends like a compressed file")
     return key
+
+
+def file_digest(url: str) -> Optional[str]:
+    """`Storage.digest` of one file named by its URL or local path (None when missing)."""
+    url = normalize_url(url)
+    folder, name = url.rsplit("/", 1)
+    return Storage(folder).digest(name)
 
 
 class Storage:
@@ -114,6 +122,28 @@ class Storage:
         if self._root is not None and (self._root / key).is_dir():
             return None
         return self._files.get(key)
+
+    def digest(self, key: str) -> Optional[str]:
+        """What the object's content is, cheaply: sha256 of a local file; the object's MD5
+        (else CRC32C) from its metadata on a bucket — no download. None when missing."""
+        _check_key(key)
+        if self._root is not None:
+            path = self._root / key
+            if not path.is_file():
+                return None
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            return "sha256:" + h.hexdigest()
+        head = self._files.head(key)
+        if not head:
+            return None
+        for field, name in (("Content-Md5", "md5"), ("Content-Crc32c", "crc32c"),
+                            ("ETag", "etag")):
+            if head.get(field):
+                return f"{name}:{head[field]}"
+        return f"size:{head.get('Content-Length')}:{head.get('Last-Modified')}"
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Optional[bytes]]:
         """key -> bytes (None when missing), read in parallel."""

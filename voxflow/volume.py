@@ -10,7 +10,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 from cloudvolume import Bbox, CloudVolume
-from cloudvolume.exceptions import InfoUnavailableError
+from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 from cloudvolume.paths import ALLOWED_FORMATS
 
 from .geometry import Box, Vec3, vec3
@@ -24,6 +24,10 @@ class LayerNotFound(FileNotFoundError):
     """No precomputed layer (no readable `info`) at a path."""
 
 
+class MissingChunk(FileNotFoundError):
+    """A chunk file of a layer opened with `fill_missing=False` does not exist."""
+
+
 def _precomputed(url: str) -> str:
     """The URL with an explicit `precomputed://` format. Without one, cloud-volume probes a
     layer without an `info` for a zarr layer too, with `exists` calls that are GCS batch
@@ -32,21 +36,26 @@ def _precomputed(url: str) -> str:
     return url if url.split("://", 1)[0] in ALLOWED_FORMATS else "precomputed://" + url
 
 
-def _open(url: str, mip: int, **kwargs) -> CloudVolume:
-    return CloudVolume(_precomputed(url), mip=mip, fill_missing=True, bounded=False,
-                       progress=False, non_aligned_writes=True, **kwargs)
+def _open(url: str, mip: int, fill_missing: bool = True) -> CloudVolume:
+    return CloudVolume(_precomputed(url), mip=mip, fill_missing=fill_missing, bounded=False,
+                       progress=False, non_aligned_writes=True)
 
 
 class Volume:
-    """A precomputed layer opened at one mip."""
+    """A precomputed layer opened at one mip.
 
-    def __init__(self, url: str, mip: int = 0):
+    `fill_missing=False` (how inputs are read unless a run says `input_missing: zeros`) makes
+    a missing chunk file an error naming it, not zeros that a model turns into output that
+    looks valid."""
+
+    def __init__(self, url: str, mip: int = 0, fill_missing: bool = True):
         try:
-            self._cv = _open(url, mip)
+            self._cv = _open(url, mip, fill_missing)
         except InfoUnavailableError:
             raise LayerNotFound(f"no precomputed layer at {url}") from None
         self.url = url
         self.mip = mip
+        self.fill_missing = fill_missing
 
     @classmethod
     def exists(cls, url: str) -> bool:
@@ -112,8 +121,13 @@ class Volume:
     def num_mips(self) -> int:
         return len(self._cv.meta.available_mips)
 
+    @property
+    def info(self) -> dict:
+        """The layer's `info` (all scales)."""
+        return self._cv.info
+
     def at_mip(self, mip: int) -> "Volume":
-        return Volume(self.url, mip)
+        return Volume(self.url, mip, self.fill_missing)
 
     # -- data ------------------------------------------------------------------------------
     def read(self, box: Box, pad: Pad = "zeros") -> np.ndarray:
@@ -123,7 +137,13 @@ class Volume:
             if pad == "mirror":
                 raise ValueError(f"cannot mirror: box {box} lies outside {self.bounds}")
             return np.zeros((self.num_channels, *reversed(box.shape)), dtype=self.dtype)
-        cut = self._cv.download(Bbox(inside.start, inside.stop), mip=self.mip)
+        try:
+            cut = self._cv.download(Bbox(inside.start, inside.stop), mip=self.mip)
+        except EmptyVolumeException as exc:
+            chunk = Bbox.create(exc.args[0]).to_filename() if exc.args else "?"
+            raise MissingChunk(f"chunk {self.url}/{self._cv.meta.key(self.mip)}/{chunk} of "
+                               f"the input is missing (reading {box}); `input_missing: "
+                               "zeros` reads missing chunks as 0") from None
         data = np.ascontiguousarray(np.asarray(cut).transpose(3, 2, 1, 0))
         if inside == box:
             return data

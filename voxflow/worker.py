@@ -5,6 +5,8 @@ nacks. Computing happens on one thread and reading the next task's input (prefet
 one task ahead) on another, so a stop (SIGTERM on a Spot VM) is acted on within a fraction
 of a second even in the middle of a long forward pass: the held leases are released at once
 and the process may exit; the half-done task is simply redone elsewhere (tasks are idempotent).
+The same holds when the run itself ends (cancelled, failed, its driver gone quiet): the
+worker gives its tasks back and stops pulling them.
 """
 from __future__ import annotations
 
@@ -54,16 +56,51 @@ def _short_error(exc: BaseException) -> str:
     return text[:2000]
 
 
+class RunWatch:
+    """Which runs a worker may still serve: a run is live while its state is "active" and its
+    driver heart-beat within the run's `driver_timeout`. Asked often, it reads the queue at
+    most every `every` seconds per run; once a run is given up it stays given up here."""
+
+    def __init__(self, queue: TaskQueue, every: float = 2.0, clock=time.time):
+        self.queue = queue
+        self.every = every
+        self.clock = clock
+        self.ended: set[str] = set()
+        self._seen: dict[str, float] = {}
+
+    def live(self, run: str) -> bool:
+        if run in self.ended:
+            return False
+        now = self.clock()
+        if now - self._seen.get(run, -1e18) < self.every:
+            return True
+        self._seen[run] = now
+        state = self.queue.run_state(run)
+        if state is None:
+            return True                  # an unknown run fails on its own (no params)
+        timeout = state.meta.get("driver_timeout")
+        if state.state != "active" or (timeout and now - state.heartbeat > timeout):
+            self.ended.add(run)
+            return False
+        return True
+
+
 class Worker:
-    """Serves the queue's tasks of the given kinds (all kinds if None)."""
+    """Serves the queue's tasks of the given kinds (all kinds if None), of the given runs (all
+    if None). Tasks of a run that ended or whose driver went quiet are given back and no
+    longer pulled; a worker serving named runs stops once all of them have ended
+    (`runs_ended()`: a VM then leaves its group)."""
 
     def __init__(self, queue: TaskQueue, stage_factory: StageFactory,
                  kinds: Optional[Iterable[str]] = None, worker_id: Optional[str] = None,
                  lease_seconds: Optional[float] = None, prefetch: bool = True,
-                 log: Optional[JsonLog] = None, idle_backoff: tuple[float, float] = (0.05, 2.0)):
+                 log: Optional[JsonLog] = None, idle_backoff: tuple[float, float] = (0.05, 2.0),
+                 runs: Optional[Iterable[str]] = None):
         self.queue = queue
         self.stage_factory = stage_factory
         self.kinds = list(kinds) if kinds else None
+        self.runs = list(runs) if runs else None
+        self.watch = RunWatch(queue)
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.lease_seconds = lease_seconds or getattr(queue, "lease_seconds", 60.0)
         self.prefetch = prefetch
@@ -102,14 +139,35 @@ class Worker:
                 self.log("lease_lost", "warning", run=lease.run, stage=lease.stage,
                          index=lease.index)
 
+    def _give_up_ended(self) -> None:
+        """Release the held leases of runs that are no longer live."""
+        with self._held_lock:
+            gone = [l for l in self._held.values() if not self.watch.live(l.run)]
+            for lease in gone:
+                del self._held[(lease.run, lease.stage, lease.index)]
+        for lease in gone:
+            self.queue.release(lease)
+            self.log("run_given_up", "warning", run=lease.run, stage=lease.stage,
+                     index=lease.index)
+
+    def runs_ended(self) -> bool:
+        """It serves named runs, and every one of them has ended."""
+        return self.runs is not None and not any(self.watch.live(r) for r in self.runs)
+
     # -- taking a task ---------------------------------------------------------------------
     def _take(self) -> Optional[_Job]:
         """Pull one task, validate it, and start loading its input; None if nothing is ready."""
         while not self.stop.is_set():
-            leases = self.queue.pull(self.kinds, 1, self.id, self.lease_seconds)
+            leases = self.queue.pull(self.kinds, 1, self.id, self.lease_seconds,
+                                     runs=self.runs, skip_runs=self.watch.ended)
             if not leases:
                 return None
             lease = leases[0]
+            if not self.watch.live(lease.run):
+                self.queue.release(lease)            # not ours to run any more
+                self.log("run_given_up", "warning", run=lease.run, stage=lease.stage,
+                         index=lease.index)
+                continue
             try:
                 message = decode(lease.body)
                 if (message.run, message.stage, message.index) != \
@@ -146,6 +204,9 @@ class Worker:
         extend_every = self.lease_seconds / 3
         last_extend = time.monotonic()
         while not self.stop.is_set():
+            if self.runs_ended():
+                self.log("runs_ended", runs=self.runs)
+                break
             job, nxt = nxt or self._take(), None
             if job is None:
                 now = time.monotonic()
@@ -156,18 +217,27 @@ class Worker:
                 backoff = min(backoff * 2, self.idle_backoff[1])
                 continue
             idle_since, backoff = None, self.idle_backoff[0]
+            if not self.watch.live(job.lease.run):       # ended while it was prefetched
+                self._give_up_ended()
+                continue
             future = self._compute.submit(self._process, job)
             if self.prefetch:
                 nxt = self._take()
             while not self.stop.is_set():
                 if wait([future], timeout=0.05).done:
                     break
+                self._give_up_ended()
+                if not self.watch.live(job.lease.run):
+                    break                             # released; its compute runs out unused
                 if time.monotonic() - last_extend >= extend_every:
                     self._extend_all()
                     last_extend = time.monotonic()
             if self.stop.is_set():
                 break
             lease = job.lease
+            if not self.watch.live(lease.run):
+                self._give_up_ended()
+                continue
             fields = dict(run=lease.run, stage=lease.stage, index=lease.index,
                           attempt=lease.attempt)
             try:
@@ -182,7 +252,7 @@ class Worker:
             self._drop(lease)
             self.done += 1
             self.log("task_done", seconds=round(seconds, 3), **fields)
-        released = self.release_all() if self.stop.is_set() else 0
+        released = self.release_all()
         self.log("worker_stopped", done=self.done, released=released)
         return self.done
 

@@ -1,11 +1,11 @@
 """`WorkerGroup`: a resizable set of workers, and the `Autoscaler` that sizes it.
 
 Backends by URL: `local://N` (worker processes on this machine), `gce://PROJECT/ZONE/GROUP`
-(a Compute Engine managed instance group of Spot VMs, `gce.py`), `external://` (workers
-started by something else: compose services, a Kubernetes deployment, cluster jobs; voxflow
-starts and stops nothing and only waits for the queue to drain). The autoscaler is the same
-for every backend: target = clamp(ceil(backlog / tasks_per_worker), min, max), zero once the
-stage has drained; scale-down stops only idle workers (those holding no lease).
+(a Compute Engine managed instance group of Spot VMs per run, `gce.py`), `external://`
+(workers started by something else: compose services, a Kubernetes deployment, cluster jobs;
+voxflow starts and stops nothing and only waits for the queue to drain). The autoscaler is
+the same for every backend: target = clamp(ceil(backlog / tasks_per_worker), min, max), zero
+once the stage has drained; scale-down stops only idle workers (those holding no lease).
 """
 from __future__ import annotations
 
@@ -56,25 +56,28 @@ class ExternalGroup:
         pass
 
 
-def open_group(url: str, queue_url: str, kind: str, gce=None,
+def open_group(url: str, queue_url: str, kind: str, gce=None, run: Optional[str] = None,
                **options) -> Optional[WorkerGroup]:
     """The group for `url`; None for local://0 (the driver works the queue itself).
 
-    `gce` (a `GceConfig`) is for gce:// groups and ignored by local ones; `options` are the
-    local backend's (log_dir, lease_seconds, capacity, state_dir): a gce:// group uses only
-    lease_seconds (passed to its workers) and ignores the rest.
+    `run` is the run the group serves: a gce:// group is one managed instance group per run
+    (so two runs on one URL never resize or delete each other's VMs), a local one passes it
+    to its workers; `run=None` means a group that is not per run. `gce` (a `GceConfig`) is
+    for gce:// groups and ignored by local ones; `options` are the local backend's (log_dir,
+    lease_seconds, capacity, state_dir): a gce:// group uses only lease_seconds (passed to
+    its workers) and ignores the rest.
     """
     if url.startswith("local://"):
         if int(url[len("local://"):]) == 0:
             return None
         from .local import LocalGroup
-        return LocalGroup(queue_url, kind, **options)
+        return LocalGroup(queue_url, kind, run=run, **options)
     if url == "external://":
         return ExternalGroup()
     if url.startswith("gce://"):
         if gce is None:
             raise ValueError(f"worker group {url!r} needs its gce settings (workers.KIND.gce)")
         from .gce import GceGroup
-        return GceGroup.from_url(url, queue_url, kind, gce,
+        return GceGroup.from_url(url, queue_url, kind, gce, run=run,
                                  lease_seconds=options.get("lease_seconds"))
     raise ValueError(f"unknown worker group URL {url!r}")

@@ -1,10 +1,24 @@
-"""`gce://PROJECT/ZONE/GROUP`: a Compute Engine managed instance group (MIG) of Spot VMs.
+"""`gce://PROJECT/ZONE/GROUP`: a Compute Engine managed instance group of Spot VMs per run.
 
-Each VM runs one worker container, `voxflow worker QUEUE --kind KIND --worker-id NAME`, where
-NAME is the VM's instance name; so the `busy` worker ids the queue reports are VM names.
+Each VM runs one worker container, `voxflow worker QUEUE --kind KIND [--lease-seconds S]
+--leave-group --worker-id NAME --run RUN`, where NAME is the VM's instance name (so the `busy`
+worker ids the queue reports are VM names) and RUN the run its MIG serves.
 
 Why it is built this way:
 
+- **One MIG per run** (`mig_name`): GROUP (cut to fit) + "-" + 8 hex of a hash of the run, in
+  every zone. Two runs that name the same URL never share a MIG: one run's `close()` or
+  autoscaler never deletes, resizes or retargets the other's VMs. The MIG name is also its
+  `baseInstanceName`, so VM names (the worker ids) start with it. `run=None` names the MIG
+  GROUP itself (a group that is not per run).
+- **The run reaches the VMs through the MIG, not the template**: the MIG's
+  `allInstancesConfig` sets the instance metadata item `voxflow-run`, which the startup script
+  reads and passes as `--run`. The template body never depends on the run, so all runs of one
+  config share one template.
+- **A VM leaves its MIG when its run is over** (`leave_group`, called by the worker under
+  `--leave-group`): `deleteInstances` on itself, which lowers the target by one, so a run
+  cancelled without any teardown still shrinks to zero VMs. The worker then exits 0, which the
+  systemd unit does not restart (`Restart=on-failure`).
 - **One instance template per distinct body**, named `GROUP-<8 hex of sha256(properties)>`.
   An unchanged config finds its template and reuses it (no insert); any change (image, machine,
   GPU, queue URL, kind, ...) hashes to a new name, so templates are immutable as Compute
@@ -20,18 +34,21 @@ Why it is built this way:
   `instanceTerminationAction=DELETE` (a preempted VM is deleted and the MIG recreates it when
   capacity returns, so no stopped disks linger); the workers' service account with the
   `cloud-platform` scope (access is then governed by IAM roles alone); labels `voxflow-kind`
-  and `voxflow-group`; metadata holding only the startup and shutdown scripts, never a secret
-  (credentials come from the service account through the metadata server).
+  and `voxflow-group` (GROUP); metadata holding only the startup and shutdown scripts, never
+  a secret (credentials come from the service account through the metadata server).
 - **The startup script** writes a systemd unit that runs the container (`--gpus all` on GPU
-  groups) with `Restart=always`, so a worker that exits or crashes is restarted, and whose
-  stop is `docker stop --time 25`: the worker releases its leases on SIGTERM, within the 30 s
-  a Spot preemption gives. A `shutdown-script` runs the same `docker stop`, so preemption,
-  a MIG deleting the VM and a plain shutdown all release leases at once.
-- **The MIG** is created in ZONE from the template if missing (target 0, then resized), or
-  reused; when the template changed, `setInstanceTemplate` switches it with the default
-  opportunistic update policy: VMs already running keep their template (no busy worker is
-  recreated), new ones use the new template. Groups are deleted when a stage ends, so a
-  changed config normally meets a group with no VMs at all.
+  groups) with `Restart=on-failure`: a worker that crashes, is killed or fails to start is
+  restarted; one that exits 0 is done on purpose (its run is over and it left its MIG; no
+  `--exit-when-idle` is passed). Its stop is `docker stop --time 25`: the worker releases its
+  leases on SIGTERM, within the 30 s a Spot preemption gives. A `shutdown-script` runs the
+  same `docker stop`, so preemption, a MIG deleting the VM and a plain shutdown all release
+  leases at once. The wrapper refuses to start (exit 1, restarted) if the metadata server
+  cannot say whether the VM has a run, rather than serve every run.
+- **The MIG** is created in ZONE from the template if missing (target 0, then resized; with
+  its `allInstancesConfig`), or reused; when the template changed, `setInstanceTemplate`
+  switches it with the default opportunistic update policy: VMs already running keep their
+  template (no busy worker is recreated), new ones use the new template. Groups are deleted
+  when a stage ends, so a changed config normally meets a group with no VMs at all.
 - **`resize(target, busy)`** (stateless: every call reads the MIGs, so any Airflow task may
   open the same group): growing calls `resize` on the MIG. Shrinking first lowers targets
   that no listed VM backs yet, then deletes *idle* VMs with `deleteInstances` (which also
@@ -41,8 +58,8 @@ Why it is built this way:
   so even a race with a lease just taken only redelivers that task. Resizing to 0 (the stage
   drained) is a plain `resize(0)`.
 - **Zone spreading on stockouts.** `gce.zones` lists fallback zones of the same region, in
-  order: zones = [ZONE] + fallbacks, each with a MIG named GROUP (zonal MIG names are per
-  zone; the template is global). On every `resize`, VMs that a zone's MIG keeps failing to
+  order: zones = [ZONE] + fallbacks, each with a MIG of the run's name (zonal MIG names are
+  per zone; the template is global). On every `resize`, VMs that a zone's MIG keeps failing to
   create with a stockout (`ZONE_RESOURCE_POOL_EXHAUSTED[_WITH_DETAILS]` in the managed
   instance's `lastAttempt` errors) are deleted there and their count is added to the next
   zone's MIG: the shortfall moves down the chain, one zone per autoscaler step. Growth goes to
@@ -55,15 +72,18 @@ Why it is built this way:
 - **`size()`** is the sum of the MIGs' target sizes (VMs running or starting); `status()`
   gives target vs actually running per zone, with stockouts and other creation errors, for
   operators to report.
-- **`close()`** deletes the MIGs (which deletes their VMs; each worker gets SIGTERM through
-  the shutdown script) and waits for the deletions.
+- **`close()`** deletes the run's MIGs (which deletes their VMs; each worker gets SIGTERM
+  through the shutdown script) and waits for the deletions.
 - google-cloud-compute is imported only when a client is first needed, never at import of
   this module (so never at Airflow DAG parse time); tests inject fake clients.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shlex
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -80,6 +100,16 @@ GOING = frozenset({"DELETING", "ABANDONING"})
 CONTAINER = "voxflow-worker"
 STOP_SECONDS = 25                 # Spot preemption gives 30 s from notice to power-off
 OPERATION_TIMEOUT = 600.0
+# Compute Engine names are RFC 1035 ([a-z]([-a-z0-9]*[a-z0-9])?): a MIG's name has at most 63
+# characters, its baseInstanceName at most 58 (the MIG names each VM baseInstanceName + "-" +
+# 4 random characters, and an instance name has at most 63). A per-run MIG name is also its
+# base instance name, so it keeps to the smaller limit.
+BASE_INSTANCE_NAME_MAX = 58
+RUN_HASH_HEX = 8
+RUN_METADATA = "voxflow-run"      # instance metadata key: the run a MIG's VMs serve
+METADATA_HOST = "metadata.google.internal"
+METADATA_TIMEOUT = 1.0            # seconds per metadata request: off GCE, fail fast
+_CREATED_BY = re.compile(r"projects/[^/]+/zones/([^/]+)/instanceGroupManagers/([^/]+)")
 
 
 def _compute():
@@ -105,6 +135,17 @@ def _stocked_out(mi) -> bool:
 
 def _running(mi) -> bool:
     return mi.current_action == "NONE" and mi.instance_status == "RUNNING"
+
+
+def mig_name(group: str, run: Optional[str]) -> str:
+    """The MIG (and base instance) name of `run`'s workers of GROUP; GROUP itself for None.
+
+    GROUP is cut so the name fits a base instance name; the hash covers the whole GROUP too,
+    so two long GROUPs that cut alike still get distinct MIGs for one run."""
+    if run is None:
+        return group
+    digest = hashlib.sha256(f"{group}\n{run}".encode()).hexdigest()[:RUN_HASH_HEX]
+    return f"{group[:BASE_INSTANCE_NAME_MAX - 1 - RUN_HASH_HEX]}-{digest}"
 
 
 @dataclass
@@ -149,13 +190,15 @@ class _Zone:
 
 
 class GceGroup:
-    """A WorkerGroup of Compute Engine VMs: a MIG named `name` in `zone` (+ fallback zones)."""
+    """A WorkerGroup of Compute Engine VMs: `run`'s MIG of GROUP `group` in `zone` (+ fallback
+    zones); `name` is the MIG's name (`mig_name`), `group` names the shared templates."""
 
-    def __init__(self, project: str, zone: str, name: str, queue_url: str, kind: str,
+    def __init__(self, project: str, zone: str, group: str, queue_url: str, kind: str,
                  gce: GceConfig, lease_seconds: Optional[float] = None, *,
-                 templates_client: Any = None, managers_client: Any = None,
-                 operation_timeout: float = OPERATION_TIMEOUT):
-        self.project, self.zone, self.name = project, zone, name
+                 run: Optional[str] = None, templates_client: Any = None,
+                 managers_client: Any = None, operation_timeout: float = OPERATION_TIMEOUT):
+        self.project, self.zone, self.group, self.run = project, zone, group, run
+        self.name = mig_name(group, run)
         self.queue_url, self.kind, self.gce = queue_url, kind, gce
         self.lease_seconds = lease_seconds
         self.zones = [zone] + [z for z in gce.zones if z != zone]
@@ -167,8 +210,8 @@ class GceGroup:
     @classmethod
     def from_url(cls, url: str, queue_url: str, kind: str, gce: GceConfig,
                  **kwargs) -> "GceGroup":
-        project, zone, name = parse_gce_url(url)
-        return cls(project, zone, name, queue_url, kind, gce, **kwargs)
+        project, zone, group = parse_gce_url(url)
+        return cls(project, zone, group, queue_url, kind, gce, **kwargs)
 
     # -- clients (lazy) ---------------------------------------------------------------------
 
@@ -196,11 +239,12 @@ class GceGroup:
         return bool(self.gce.accelerator_type)
 
     def worker_command(self) -> list[str]:
-        """The container's command, without the worker id (the VM's name, known at boot)."""
+        """The container's command, without the worker id (the VM's name) and the run (its
+        MIG's `voxflow-run` metadata): both are read at boot, so the template is shared."""
         cmd = ["voxflow", "worker", self.queue_url, "--kind", self.kind]
         if self.lease_seconds:
             cmd += ["--lease-seconds", f"{self.lease_seconds:g}"]
-        return cmd
+        return cmd + ["--leave-group"]
 
     def startup_script(self) -> str:
         image = shlex.quote(self.gce.image)
@@ -209,7 +253,7 @@ class GceGroup:
         wait_gpu = ("# The Deep Learning VM image may install the NVIDIA driver on first boot.\n"
                     "until nvidia-smi >/dev/null 2>&1; do sleep 5; done\n") if self.gpu else ""
         return f"""#!/bin/bash
-# voxflow {self.kind} worker VM of gce://{self.project}/{self.zone}/{self.name}.
+# voxflow {self.kind} worker VM of gce://{self.project}/{self.zone}/{self.group}.
 # No secrets here: the worker authenticates as the VM's service account.
 export HOME=/var/lib/voxflow
 mkdir -p "$HOME"
@@ -225,9 +269,14 @@ case "$registry" in
 esac
 cat > "$HOME/run-worker.sh" <<'VOXFLOW_WORKER'
 #!/bin/bash
-{wait_gpu}name=$(curl -sf -H 'Metadata-Flavor: Google' \\
-  http://metadata.google.internal/computeMetadata/v1/instance/name || hostname -s)
-exec docker run --rm --name {CONTAINER} {gpus}{image} {command} --worker-id "$name"
+{wait_gpu}metadata=http://{METADATA_HOST}/computeMetadata/v1/instance
+name=$(curl -sf -H 'Metadata-Flavor: Google' "$metadata/name" || hostname -s)
+# The run this VM's MIG serves; curl's 22 is HTTP 404: a group that is not per run.
+run=$(curl -sf --retry 5 --retry-connrefused -H 'Metadata-Flavor: Google' \\
+  "$metadata/attributes/{RUN_METADATA}")
+case $? in 0|22) ;; *) echo "metadata server unreachable" >&2; exit 1 ;; esac
+exec docker run --rm --name {CONTAINER} {gpus}{image} {command} --worker-id "$name" \\
+  ${{run:+--run "$run"}}
 VOXFLOW_WORKER
 cat > /etc/systemd/system/{CONTAINER}.service <<'VOXFLOW_UNIT'
 [Unit]
@@ -242,7 +291,8 @@ ExecStartPre=-/usr/bin/docker rm -f {CONTAINER}
 ExecStart=/bin/bash /var/lib/voxflow/run-worker.sh
 ExecStop=/usr/bin/docker stop --time {STOP_SECONDS} {CONTAINER}
 TimeoutStopSec={STOP_SECONDS + 5}
-Restart=always
+# Exit 0: the run is over and the VM left its group. Crashes and kills restart.
+Restart=on-failure
 RestartSec=10
 
 [Install]
@@ -295,7 +345,7 @@ systemctl enable --now {CONTAINER}.service
             scheduling=scheduling,
             service_accounts=[c.ServiceAccount(email=g.service_account or "default",
                                                scopes=[SCOPE])],
-            labels={"voxflow-kind": self.kind, "voxflow-group": self.name},
+            labels={"voxflow-kind": self.kind, "voxflow-group": self.group},
             metadata=c.Metadata(items=[c.Items(key=k, value=v) for k, v in metadata]),
         )
         if self.gpu:
@@ -306,7 +356,7 @@ systemctl enable --now {CONTAINER}.service
     def template_name(self) -> str:
         body = _compute().InstanceProperties.to_json(self.template_properties(),
                                                      sort_keys=True, indent=0)
-        return f"{self.name}-{hashlib.sha256(body.encode()).hexdigest()[:8]}"
+        return f"{self.group}-{hashlib.sha256(body.encode()).hexdigest()[:8]}"
 
     def ensure_template(self) -> str:
         """The template's name; inserted unless a template of that name (body) exists."""
@@ -321,7 +371,7 @@ systemctl enable --now {CONTAINER}.service
             template = c.InstanceTemplate(
                 name=name, properties=self.template_properties(),
                 description=f"voxflow {self.kind} workers of gce://{self.project}/"
-                            f"{self.zone}/{self.name}")
+                            f"{self.zone}/{self.group}")
             try:
                 self._wait([self.templates.insert(request=c.InsertInstanceTemplateRequest(
                     project=self.project, instance_template_resource=template))])
@@ -361,7 +411,10 @@ systemctl enable --now {CONTAINER}.service
             instance_template=self._template_link(template), target_size=0,
             update_policy=c.InstanceGroupManagerUpdatePolicy(type_="OPPORTUNISTIC"),
             description=f"voxflow {self.kind} workers of gce://{self.project}/{self.zone}/"
-                        f"{self.name}")
+                        f"{self.group}" + (f" for run {self.run}" if self.run else ""))
+        if self.run is not None:
+            mig.all_instances_config = c.InstanceGroupManagerAllInstancesConfig(
+                properties=c.InstancePropertiesPatch(metadata={RUN_METADATA: self.run}))
         try:
             self._wait([self.managers.insert(request=c.InsertInstanceGroupManagerRequest(
                 project=self.project, zone=zone, instance_group_manager_resource=mig))])
@@ -462,8 +515,8 @@ systemctl enable --now {CONTAINER}.service
         self._wait(ops)
 
     def close(self) -> None:
-        """Delete the MIGs (their VMs get SIGTERM through the shutdown script); templates
-        are kept for the next run."""
+        """Delete this run's MIGs (their VMs get SIGTERM through the shutdown script);
+        templates are kept for the next run."""
         c, errors = _compute(), _api_errors()
         ops = []
         for zone in self.zones:
@@ -473,3 +526,54 @@ systemctl enable --now {CONTAINER}.service
             except errors.NotFound:
                 pass
         self._wait(ops)
+
+
+def _metadata_root() -> str:
+    """The metadata server's base URL; GCE_METADATA_HOST (or the older GCE_METADATA_ROOT)
+    overrides the host as in google-auth."""
+    host = (os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_ROOT")
+            or METADATA_HOST)
+    return f"http://{host}/computeMetadata/v1/"
+
+
+def leave_group(metadata_url: Optional[str] = None, managers_client: Any = None) -> bool:
+    """Delete this VM from its MIG: what a worker does once its run is over.
+
+    `deleteInstances` also lowers the MIG's target by one, so when every VM of a finished or
+    cancelled run does this the group is at zero and stops costing money even if no teardown
+    runs. The VM, its name and its MIG (the `created-by` attribute Compute Engine sets on MIG
+    members) come from the metadata server at `metadata_url`, a base URL ending in "/"
+    (default: `_metadata_root()`).
+    Returns False, quickly and without raising, when there is no metadata server (not a
+    Compute Engine VM) or the VM is in no zonal MIG; API errors (say a missing
+    `compute.instanceGroupManagers.update` permission) raise. The operation is not waited
+    for: it is DONE once the deletion is scheduled, and polling would need another
+    permission (`compute.zoneOperations.get`).
+    """
+    root = metadata_url or _metadata_root()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never a proxy
+
+    def read(path: str) -> str:
+        request = urllib.request.Request(root + path, headers={"Metadata-Flavor": "Google"})
+        with opener.open(request, timeout=METADATA_TIMEOUT) as response:
+            return response.read().decode()
+
+    try:
+        name = read("instance/name")
+        created_by = read("instance/attributes/created-by")   # 404: in no MIG
+        project = read("project/project-id")
+    except (OSError, ValueError):        # URLError, HTTPError, timeouts; a malformed host
+        return False
+    member = _CREATED_BY.fullmatch(created_by.strip())
+    if member is None:                   # a regional MIG: voxflow creates none
+        return False
+    zone, mig = member.groups()
+    c = _compute()
+    managers = managers_client or c.InstanceGroupManagersClient()
+    managers.delete_instances(request=c.DeleteInstancesInstanceGroupManagerRequest(
+        project=project, zone=zone, instance_group_manager=mig,
+        instance_group_managers_delete_instances_request_resource=(
+            c.InstanceGroupManagersDeleteInstancesRequest(
+                instances=[f"zones/{zone}/instances/{name}"],
+                skip_instances_on_validation_error=True))))   # already being deleted: fine
+    return True

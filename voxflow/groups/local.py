@@ -1,7 +1,8 @@
 """`local://N`: worker subprocesses on this machine.
 
-Each worker is `python -m voxflow worker QUEUE --kind KIND --worker-id ID`, its JSON log
-appended to a file. A worker that died (killed, crashed) is reaped and, while the target
+Each worker is `python -m voxflow worker QUEUE --kind KIND --worker-id ID --run RUN`, its
+JSON log appended to a file; it serves only its run and exits by itself once the run has
+ended or its driver went quiet (so the group empties even when no one closes it). A worker that died (killed, crashed) is reaped and, while the target
 asks for it, replaced by a new one. Scale-down sends SIGTERM to idle workers only; close()
 stops all, SIGKILL after a grace period. Torch threads are split between workers.
 
@@ -37,9 +38,11 @@ def _alive(pid: int, wid: str) -> bool:
 class LocalGroup:
     def __init__(self, queue_url: str, kind: str, log_dir: Optional[Path] = None,
                  lease_seconds: Optional[float] = None, capacity: Optional[int] = None,
-                 exit_when_idle: float = 60.0, state_dir: Optional[Path] = None):
+                 exit_when_idle: float = 60.0, state_dir: Optional[Path] = None,
+                 run: Optional[str] = None):
         self.queue_url = queue_url
         self.kind = kind
+        self.run = run
         self.log_dir = Path(log_dir) if log_dir else None
         self.lease_seconds = lease_seconds
         self.capacity = capacity
@@ -69,6 +72,8 @@ class LocalGroup:
                "--exit-when-idle", str(self.exit_when_idle)]
         if self.lease_seconds:
             cmd += ["--lease-seconds", str(self.lease_seconds)]
+        if self.run:
+            cmd += ["--run", self.run]
         out = subprocess.DEVNULL
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)

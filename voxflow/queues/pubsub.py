@@ -8,15 +8,31 @@ driver can read: no done count, no error text, no way to list dead tasks. So:
   `PREFIX-KIND-RUN-HASH-STAGE` (created when the stage is published, deleted by `finish` /
   `forget_run`), ack deadline = the lease; leases are extended with modify_ack_deadline and
   released with deadline 0. Workers pull from every subscription of their kind (listed and
-  cached a few seconds). A dead-letter topic `…-dead` with a subscription is the backstop:
-  Pub/Sub forwards a message there after `max_delivery_attempts` deliveries (releases
-  included), and `stats` moves such messages into the ledger's dead letters.
-- **The ledger** (`LEDGER/runs/RUN.json`, `LEDGER/data/RUN/…`, `LEDGER/leases/KIND/RUN/…`)
-  holds the run's parameters, one done marker per finished task (idempotent under
-  redelivery: a marker is written, never counted twice), dead letters with their error and
-  body, per-task release/failure counts, and one small lease record per held task (who holds
-  it until when; how `extend` learns that a lease was lost and how `busy_workers` and
-  `leased` are known).
+  cached a few seconds), or of the runs they serve (the run's token is in the name). A
+  dead-letter topic `…-dead` with a subscription is the backstop: Pub/Sub forwards a message
+  there after `max_delivery_attempts` deliveries (releases included), and `heartbeat` moves
+  such messages into the ledger's dead letters.
+- **Retention**: both subscriptions keep unacknowledged messages `retention_seconds` (at most
+  Pub/Sub's 7 days) and never expire (Pub/Sub's default deletes a subscription inactive for
+  31 days; one created before keeps what it was created with). A message older than
+  retention is dropped unseen, while the stage record still says it was sent; so the record
+  keeps when its messages were published (`queued_at`), `heartbeat` names the stages with
+  open tasks that are about to reach retention (`republish_margin` ahead), and publishing
+  such a stage re-sends every task neither done nor dead. The copies still in the subscription are duplicates, which are harmless: a
+  redelivery of a finished task is acknowledged on pull.
+- **The ledger** (`LEDGER/runs/RUN.json`, `LEDGER/state/RUN.json`, `LEDGER/data/RUN/…`,
+  `LEDGER/leases/KIND/RUN/…`) holds the run's parameters, its state (active or how it ended,
+  the driver's last heartbeat, its identity: a small object of its own, so the heartbeat
+  rewrites only that and `run_state` is one small read), one done marker per finished task
+  (idempotent under redelivery: a marker is written, never counted twice), dead letters with
+  their error and body, per-task release/failure counts, and one small lease record per held
+  task (who holds it until when; how `extend` learns that a lease was lost and how
+  `busy_workers` and `leased` are known).
+- **Done wins over dead**: a task given up (dead) whose worker still finishes it gets a done
+  marker next to its dead marker. Counting collects a stage's (few) dead indices and checks
+  them while listing its done markers, so such a task is counted done only without any
+  extra call on the ack path and without holding a stage's done indices; `dead_letters` and
+  `retry_dead` skip it too.
 
 Attempts are counted by voxflow, not by Pub/Sub's dead-letter policy: attempt = Pub/Sub's
 delivery_attempt − releases. A task whose attempt would exceed `max_attempts` (its workers
@@ -24,12 +40,15 @@ were lost each time) and a task nacked at its last attempt go to the ledger's de
 with their error, exactly like the SQLite queue. (The dead-letter policy is also what makes
 Pub/Sub fill in delivery_attempt; the test emulator fills it in regardless and ignores the
 policy.) Progress: done and dead are counted by listing the ledger (one list call per 1000
-records), so drivers poll every few seconds (`poll_seconds`).
+records), so drivers poll every few seconds (`poll_seconds`). Reads (`stats`, `dead_letters`,
+`runs`, `run_state`, `run_params`) write nothing; a queue opened `readonly` refuses every
+method that writes or creates resources.
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -37,13 +56,15 @@ import re
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Collection, Iterable, Iterator, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from . import DeadLetter, Lease, StageStats
+from . import ACTIVE, DeadLetter, Lease, RunState, StageStats, check_end_state, writes
 
 MAX_DEADLINE = 600                      # Pub/Sub's limit for an ack deadline, seconds
+MIN_RETENTION, MAX_RETENTION = 600, 604_800     # Pub/Sub's limits for message retention
 # How long a worker trusts its list of subscriptions: listing is an admin operation with a
 # per-project quota, so a worker that keeps finding work re-lists rarely; one whose last pull
 # came back empty looks every few seconds for a new stage (jittered: a fleet lists out of step).
@@ -61,6 +82,14 @@ def run_token(run: str) -> str:
 def _seconds(value: float) -> int:
     """Pub/Sub deadlines are whole seconds in [1, 600]: round a lease up."""
     return max(1, min(MAX_DEADLINE, math.ceil(value)))
+
+
+def republish_margin(retention_seconds: float) -> float:
+    """How long before its messages reach retention a stage is published again: an hour
+    (time to re-send a 10^7-task stage at a few thousand messages a second before the old
+    copies go, so workers never run dry), or a tenth of a shorter retention (so a stage is
+    not re-sent all the time). Being early costs only duplicates."""
+    return min(3600.0, retention_seconds / 10)
 
 
 def dead_letter_attempts(max_attempts: int) -> int:
@@ -97,9 +126,16 @@ class PubSubQueue:
     poll_seconds = 2.0                  # drivers: stats cost list calls, poll no faster
 
     def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3,
-                 pull_timeout: float = 5.0):
+                 pull_timeout: float = 5.0, retention_seconds: int = MAX_RETENTION,
+                 readonly: bool = False, clock: Callable[[], float] = time.time):
+        if not MIN_RETENTION <= retention_seconds <= MAX_RETENTION:
+            raise ValueError(f"retention_seconds must be in [{MIN_RETENTION}, "
+                             f"{MAX_RETENTION}] (Pub/Sub's limits), not {retention_seconds}")
         self.url = url
         self.where = PubSubURL.parse(url)
+        self.retention_seconds = retention_seconds
+        self.readonly = readonly
+        self.clock = clock
         from ..storage import Storage
         self.ledger = Storage(self.where.ledger)
         self.lease_seconds = lease_seconds
@@ -147,15 +183,60 @@ class PubSubQueue:
         return f"data/{run_token(run)}"
 
     @staticmethod
+    def _state_key(run: str) -> str:
+        return f"state/{run_token(run)}.json"
+
+    def _stage_key(self, run: str, stage: str) -> str:
+        return f"{self._data(run)}/stages/{stage}.json"
+
+    @staticmethod
     def _lease_key(kind: str, run: str, stage: str, index: int) -> str:
         return f"leases/{kind}/{run_token(run)}/{stage}/{index}"
 
     # -- runs ------------------------------------------------------------------------------
-    def register_run(self, run: str, params: str, max_attempts: Optional[int] = None) -> None:
-        record = {"run": run, "params": params, "created": time.time(),
+    @writes
+    def register_run(self, run: str, params: str, max_attempts: Optional[int] = None,
+                     meta: Optional[dict] = None) -> None:
+        now = self.clock()
+        record = {"run": run, "params": params, "created": now,
                   "max_attempts": max_attempts or self.default_max_attempts}
         self._write(f"runs/{run_token(run)}.json", record)
+        self._write(self._state_key(run), {"state": ACTIVE, "heartbeat": now,
+                                           "meta": meta or {}})
         self._runs[run] = record
+
+    def _state(self, run: str) -> Optional[dict]:
+        """The run's state object; a run registered before there were any reads as active
+        since its registration."""
+        data = self.ledger.get(self._state_key(run))
+        if data is not None:
+            return json.loads(data)
+        record = self._run(run)
+        return record and {"state": ACTIVE, "heartbeat": record["created"], "meta": {}}
+
+    def _update_state(self, run: str, **values) -> None:
+        state = self._state(run)
+        if state is None:
+            raise KeyError(f"run {run!r} is not registered in {self.url}")
+        self._write(self._state_key(run), {**state, **values})
+
+    def run_state(self, run: str) -> Optional[RunState]:
+        state = self._state(run)
+        return RunState(state["state"], state["heartbeat"], state["meta"]) if state else None
+
+    @writes
+    def heartbeat(self, run: str) -> list[str]:
+        """The driver is alive: the run is active again. Also moves what Pub/Sub's backstop
+        forwarded into the ledger's dead letters, and returns the stages whose open tasks
+        are about to reach retention (publish them again)."""
+        self._update_state(run, state=ACTIVE, heartbeat=self.clock())
+        stages = self._stages(run)
+        self._drain_dead_letters(run, stages)
+        return self._expiring(run, stages)
+
+    @writes
+    def end_run(self, run: str, state: str) -> None:
+        self._update_state(run, state=check_end_state(state))
 
     def _run(self, run: str) -> Optional[dict]:
         if run not in self._runs:
@@ -185,6 +266,7 @@ class PubSubQueue:
         found = self.ledger.get_many(list(self.ledger.list(prefix)))
         return {k[len(prefix):-len(".json")]: json.loads(v) for k, v in found.items() if v}
 
+    @writes
     def finish(self, run: str) -> None:
         """Delete the run's topics and subscriptions (the ledger stays: status, resume)."""
         from google.api_core import exceptions
@@ -201,6 +283,7 @@ class PubSubQueue:
                         pass
         self._subs = (-1e9, [])
 
+    @writes
     def forget_run(self, run: str) -> int:
         """Delete the run's topics, subscriptions and ledger records (not its parameters)."""
         stages = self._stages(run)
@@ -220,54 +303,95 @@ class PubSubQueue:
                 self.publisher.create_topic(request={"name": self._topic(name)})
             except exceptions.AlreadyExists:
                 pass
-        try:
-            self.subscriber.create_subscription(request={
-                "name": self._subscription(rid + "-dead"), "topic": self._topic(rid + "-dead")})
-        except exceptions.AlreadyExists:
-            pass
+        self._create_subscription(rid + "-dead")
         try:                     # looked up first: emulators may not raise AlreadyExists
             self.subscriber.get_subscription(request={"subscription": self._subscription(rid)})
             return True
         except exceptions.NotFound:
             pass
-        try:
-            self.subscriber.create_subscription(request={
-                "name": self._subscription(rid), "topic": self._topic(rid),
-                "ack_deadline_seconds": self._sub_deadline(),
-                "dead_letter_policy": {
+        if not self._create_subscription(
+                rid, ack_deadline_seconds=self._sub_deadline(),
+                dead_letter_policy={
                     "dead_letter_topic": self._topic(rid + "-dead"),
                     "max_delivery_attempts": dead_letter_attempts(self._attempt_limit(run))},
-                "labels": {"voxflow-kind": kind}})
-        except exceptions.AlreadyExists:
+                labels={"voxflow-kind": kind}):
             return True
         self._subs = (-1e9, [])
         return False
 
-    def _finished(self, run: str, stage: str) -> set[int]:
-        """Indices of the stage that are done or dead."""
-        base = self._data(run)
-        return {int(k.rsplit("/", 1)[1]) for what in ("done", "dead")
-                for k in self.ledger.list(f"{base}/{what}/{stage}/")}
+    def _create_subscription(self, rid: str, **fields) -> bool:
+        """Subscribe `rid` to the topic of the same name, keeping messages
+        `retention_seconds` and never expiring (by default Pub/Sub deletes a subscription
+        inactive for 31 days: a stage can wait longer). False if it existed."""
+        from google.api_core import exceptions
+        try:
+            self.subscriber.create_subscription(request={
+                "name": self._subscription(rid), "topic": self._topic(rid),
+                "message_retention_duration": {"seconds": self.retention_seconds},
+                "expiration_policy": {},             # a policy without a ttl: never expires
+                **fields})
+        except exceptions.AlreadyExists:
+            return False
+        return True
 
+    def _indices(self, run: str, what: str, stage: str) -> Iterator[int]:
+        """Indices of the stage's "done" or "dead" markers, as listed."""
+        return (int(k.rsplit("/", 1)[1])
+                for k in self.ledger.list(f"{self._data(run)}/{what}/{stage}/"))
+
+    def _tally(self, run: str, stage: str) -> tuple[int, int]:
+        """The stage's done and dead counts; done wins over dead (a task with both markers
+        succeeded after it was given up). Only the few dead indices are held."""
+        dead = set(self._indices(run, "dead", stage))
+        done = superseded = 0
+        for index in self._indices(run, "done", stage):
+            done += 1
+            superseded += index in dead
+        return done, len(dead) - superseded
+
+    def _stale(self, record: dict) -> bool:
+        """Whether the stage's messages may soon reach retention (a record from before
+        `queued_at` was kept may be as old as any)."""
+        limit = self.retention_seconds - republish_margin(self.retention_seconds)
+        return record.get("queued_at", 0.0) < self.clock() - limit
+
+    def _expiring(self, run: str, stages: dict[str, dict]) -> list[str]:
+        """Stale stages that still have open tasks. A stale stage with none gets a fresh
+        `queued_at` (nothing of it can be lost now), so it is not counted every heartbeat
+        (messages a later retry_dead sends are younger still)."""
+        out = []
+        for stage, record in stages.items():
+            if not self._stale(record):
+                continue
+            if sum(self._tally(run, stage)) < Ranges(record["tasks"]).total:
+                out.append(stage)
+            else:
+                self._write(self._stage_key(run, stage), {**record, "queued_at": self.clock()})
+        return out
+
+    @writes
     def publish(self, run: str, stage: str, kind: str,
                 messages: Iterable[tuple[int, str]], batch: int = 50_000) -> int:
         """Publish the stage's tasks, streaming (the client's flow control bounds what is in
-        flight). Skips finished tasks and, while the subscription exists, tasks already
-        published to it. The stage record (index ranges, not indices) is saved every
+        flight). Skips finished tasks and, while the subscription exists and its messages
+        are not about to reach retention, tasks already published to it. The stage record
+        (index ranges, not indices; when its queued messages were published) is saved every
         `batch` messages once they are confirmed, so a crash re-sends at most a batch."""
         existed = self._ensure(run, stage, kind)
-        record_key = f"{self._data(run)}/stages/{stage}.json"
+        record_key = self._stage_key(run, stage)
         old = self._read(record_key)
         tasks = Ranges(old.get("tasks", []))
-        queued = Ranges(old.get("queued", []) if existed else [])
-        finished = self._finished(run, stage)
+        kept = existed and not self._stale(old)
+        queued = Ranges(old["queued"] if kept else [])
+        queued_at = old["queued_at"] if kept else self.clock()
+        finished = {i for what in ("done", "dead") for i in self._indices(run, what, stage)}
         topic = self._topic(self.resource(run, stage, kind))
         sent = _Outstanding()
 
         def save() -> None:
             sent.wait()
             self._write(record_key, {"kind": kind, "tasks": tasks.ranges,
-                                     "queued": queued.ranges})
+                                     "queued": queued.ranges, "queued_at": queued_at})
 
         for index, body in messages:
             tasks.add(index)
@@ -282,7 +406,8 @@ class PubSubQueue:
         return sent.count
 
     # -- leasing ---------------------------------------------------------------------------
-    def _subscriptions(self, kinds: Optional[Iterable[str]]) -> list[str]:
+    def _subscriptions(self, kinds: Optional[Iterable[str]], runs: Optional[Collection[str]],
+                       skip_runs: Collection[str]) -> list[str]:
         listed_at, names = self._subs
         trust = LIST_SECONDS_BUSY if names and not self._idle else LIST_SECONDS_IDLE
         if time.monotonic() - listed_at > trust * random.uniform(0.8, 1.0):
@@ -294,14 +419,19 @@ class PubSubQueue:
         if kinds is not None:
             starts = tuple(f"{self.where.prefix}-{k}-" for k in kinds)
             names = [n for n in names if n.rsplit("/", 1)[1].startswith(starts)]
+        wanted, skipped = _run_marks(runs or ()), _run_marks(skip_runs)
+        names = [n for n in names if (runs is None or any(m in n for m in wanted))
+                 and not any(m in n for m in skipped)]
         return random.sample(names, len(names))     # spread workers over stages and runs
 
+    @writes
     def pull(self, kinds: Optional[Iterable[str]] = None, n: int = 1, worker: str = "",
-             lease_seconds: Optional[float] = None) -> list[Lease]:
+             lease_seconds: Optional[float] = None, runs: Optional[Collection[str]] = None,
+             skip_runs: Collection[str] = ()) -> list[Lease]:
         from google.api_core import exceptions
         seconds = _seconds(lease_seconds or self.lease_seconds)
         out: list[Lease] = []
-        for sub in self._subscriptions(kinds):
+        for sub in self._subscriptions(kinds, runs, skip_runs):
             if len(out) >= n:
                 break
             try:
@@ -338,7 +468,8 @@ class PubSubQueue:
             self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [ack_id]})
             return None
         state = json.loads(found[state_key] or b"{}")
-        attempt = max(received.delivery_attempt, 1) - state.get("released", 0)
+        # at least 1: a message published again (retention) counts its deliveries afresh
+        attempt = max(received.delivery_attempt - state.get("released", 0), 1)
         body = received.message.data.decode()
         if attempt > self._attempt_limit(run):
             lost = attempt - 1 - state.get("failed", 0)
@@ -353,7 +484,7 @@ class PubSubQueue:
                 "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds})
         self._write(self._lease_key(kind, run, stage, index), {
             "token": _lease_token(ack_id), "worker": worker, "run": run, "stage": stage,
-            "expires": time.time() + seconds})
+            "expires": self.clock() + seconds})
         return Lease(run, stage, index, body, attempt, f"{kind} {ack_id}")
 
     def _sub_deadline(self) -> int:
@@ -385,6 +516,7 @@ class PubSubQueue:
         record = self._read(key)
         return key, record if record.get("token") == _lease_token(ack_id) else None
 
+    @writes
     def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool:
         """Push the deadline out; False once another worker holds the task."""
         key, record = self._holder(lease)
@@ -394,14 +526,16 @@ class PubSubQueue:
         sub, ack_id, _ = self._handle(lease)
         self.subscriber.modify_ack_deadline(request={
             "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds_})
-        record["expires"] = time.time() + seconds_
+        record["expires"] = self.clock() + seconds_
         self._write(key, record)
         return True
 
+    @writes
     def ack(self, lease: Lease) -> None:
         """Record the task done, then acknowledge it. Idempotent."""
         self.ack_many([lease])
 
+    @writes
     def ack_many(self, leases: Iterable[Lease]) -> None:
         leases = list(leases)
         self.ledger.put_many({f"{self._data(l.run)}/done/{l.stage}/{l.index}": b""
@@ -439,17 +573,19 @@ class PubSubQueue:
         self.subscriber.modify_ack_deadline(request={
             "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": 0})
 
+    @writes
     def nack(self, lease: Lease, error: str) -> None:
         """The task failed: retry it, or dead-letter it at its last attempt."""
         self._settle(lease, error)
 
+    @writes
     def release(self, lease: Lease) -> None:
         """Give the task back at once (preemption); not counted as an attempt."""
         self._settle(lease, None)
 
     # -- inspection ------------------------------------------------------------------------
     def _leases(self, kinds: Iterable[str], run: Optional[str] = None) -> Iterator[dict]:
-        now = time.time()
+        now = self.clock()
         for kind in kinds:
             prefix = f"leases/{kind}/" + (f"{run_token(run)}/" if run else "")
             for data in self.ledger.get_many(list(self.ledger.list(prefix))).values():
@@ -459,7 +595,8 @@ class PubSubQueue:
                         yield record
 
     def _drain_dead_letters(self, run: str, stages: dict[str, dict]) -> None:
-        """Move what Pub/Sub's dead-letter policy forwarded into the ledger."""
+        """Move what Pub/Sub's dead-letter policy forwarded into the ledger (the
+        heartbeat's job: reads change nothing)."""
         from google.api_core import exceptions
         for stage, record in stages.items():
             sub = self._subscription(self.resource(run, stage, record["kind"]) + "-dead")
@@ -484,43 +621,50 @@ class PubSubQueue:
 
     def stats(self, run: str) -> dict[str, StageStats]:
         stages = self._stages(run)
-        self._drain_dead_letters(run, stages)
-        base = self._data(run)
-        counts = {stage: {"done": 0, "dead": 0, "leased": 0} for stage in stages}
-        for what in ("done", "dead"):
-            for key in self.ledger.list(f"{base}/{what}/"):
-                stage = key[len(base) + len(what) + 2:].split("/", 1)[0]
-                if stage in counts:
-                    counts[stage][what] += 1
-        for record in self._leases({r["kind"] for r in stages.values()}, run):
-            if record["stage"] in counts:
-                counts[record["stage"]]["leased"] += 1
+        leased = Counter(r["stage"] for r in self._leases({r["kind"] for r in stages.values()},
+                                                           run))
         out = {}
         for stage, record in stages.items():
-            c = counts[stage]
+            done, dead = self._tally(run, stage)
             total = Ranges(record["tasks"]).total
-            leased = min(c["leased"], total - c["done"] - c["dead"])
-            pending = total - c["done"] - c["dead"] - leased
-            out[stage] = StageStats(max(pending, 0), max(leased, 0), c["done"], c["dead"])
+            held = min(leased[stage], total - done - dead)
+            out[stage] = StageStats(max(total - done - dead - held, 0), max(held, 0), done, dead)
         return out
+
+    def _dead_markers(self, run: str) -> Iterator[tuple[str, bool]]:
+        """The run's dead-marker keys in (stage, index) order, each with whether its task
+        has a done marker too (done wins over dead). Done markers are read a chunk at a
+        time, so a caller that stops early reads few."""
+        base = self._data(run)
+        prefix = f"{base}/dead/"
+        keys = sorted(self.ledger.list(prefix),
+                      key=lambda k: (k[len(prefix):].split("/")[0], int(k.rsplit("/", 1)[1])))
+        for start in range(0, len(keys), 100):
+            pairs = [(k, f"{base}/done/{k[len(prefix):]}") for k in keys[start:start + 100]]
+            done = self.ledger.get_many(d for _, d in pairs)
+            yield from ((k, done[d] is not None) for k, d in pairs)
 
     def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]:
         prefix = f"{self._data(run)}/dead/"
-        keys = sorted(self.ledger.list(prefix),
-                      key=lambda k: (k[len(prefix):].split("/")[0], int(k.rsplit("/", 1)[1])))
-        found = self.ledger.get_many(keys[:limit])
+        keys = list(itertools.islice((k for k, done in self._dead_markers(run) if not done),
+                                     limit))
+        found = self.ledger.get_many(keys)
         out = []
-        for key in keys[:limit]:
+        for key in keys:
             record = json.loads(found[key])
             stage, index = key[len(prefix):].split("/")
             out.append(DeadLetter(run, stage, int(index), record["attempts"], record["error"]))
         return out
 
+    @writes
     def retry_dead(self, run: str) -> int:
-        """Publish every dead task again with a fresh set of attempts."""
+        """Publish every dead task again with a fresh set of attempts (a dead task that was
+        done after all just loses its dead marker)."""
         stages = self._stages(run)
         prefix = f"{self._data(run)}/dead/"
-        keys = list(self.ledger.list(prefix))
+        markers = list(self._dead_markers(run))
+        self.ledger.delete(k for k, done in markers if done)
+        keys = [k for k, done in markers if not done]
         found = self.ledger.get_many(keys)
         for key in keys:
             stage, index = key[len(prefix):].split("/")
@@ -542,6 +686,11 @@ class PubSubQueue:
             self._subscriber.close()
         if self._publisher is not None:
             self._publisher.transport.close()
+
+
+def _run_marks(runs: Iterable[str]) -> tuple[str, ...]:
+    """What a subscription of one of the runs has in its name: "-TOKEN-"."""
+    return tuple(f"-{run_token(run)}-" for run in runs)
 
 
 def _lease_token(ack_id: str) -> str:

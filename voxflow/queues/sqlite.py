@@ -2,20 +2,30 @@
 
 One row per task, keyed by (run, stage, index). `due` orders delivery: 0 for pending tasks,
 the lease expiry for leased ones, +inf for done and dead ones, so "what can be delivered now"
-is one range scan of the (kind, due) index. Per-stage counters are kept in the same
+is one range scan of the (kind, due) index. A pull for some runs (or skipping some) scans
+the (kind, run, due) index once per run that has open tasks (known from the counters), so
+an ended run's backlog ahead of it costs nothing. Per-stage counters are kept in the same
 transactions, so progress never scans the task table.
+
+Runs carry their state (active or how they ended), the driver's last heartbeat and their
+identity (`meta`) in their `runs` row: `run_state` is one primary-key read. Files written
+before these columns existed get them on first open (a run registered then reads as active,
+its heartbeat its registration time); a read-only open reads such a file as it is.
+Nothing expires here, so `heartbeat` never names a stage to republish.
 """
 from __future__ import annotations
 
+import errno
+import json
 import random
 import secrets
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
-from . import DeadLetter, Lease, StageStats
+from . import ACTIVE, DeadLetter, Lease, RunState, StageStats, check_end_state, writes
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
 NEVER = 1e300
@@ -29,6 +39,7 @@ CREATE TABLE IF NOT EXISTS tasks (
   attempts INTEGER NOT NULL DEFAULT 0, token TEXT, worker TEXT, error TEXT,
   PRIMARY KEY (run, stage, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (kind, due);
+CREATE INDEX IF NOT EXISTS tasks_run_due ON tasks (kind, run, due);
 CREATE TABLE IF NOT EXISTS counts (
   run TEXT NOT NULL, stage TEXT NOT NULL, kind TEXT NOT NULL,
   pending INTEGER NOT NULL DEFAULT 0, leased INTEGER NOT NULL DEFAULT 0,
@@ -38,29 +49,52 @@ CREATE TABLE IF NOT EXISTS runs (
   run TEXT PRIMARY KEY, params TEXT NOT NULL, max_attempts INTEGER NOT NULL,
   created REAL NOT NULL) WITHOUT ROWID;
 """
+# Columns `runs` gained later (added to older files on open): name -> (declaration, what a
+# run registered before they existed reads as).
+RUN_COLUMNS = {"state": ("TEXT NOT NULL DEFAULT 'active'", "'active'"),
+               "heartbeat": ("REAL NOT NULL DEFAULT 0", "created"),
+               "meta": ("TEXT NOT NULL DEFAULT '{}'", "'{}'")}
 
 
 class SQLiteQueue:
     """`TaskQueue` over one SQLite file; open one per process (or thread group)."""
 
-    def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3):
+    def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3,
+                 readonly: bool = False, retention_seconds: Optional[int] = None):
+        """`retention_seconds` is Pub/Sub's; accepted so one set of options opens either
+        backend (nothing expires here). `readonly`: open an existing file, change nothing."""
         self.url = url
         if not url.startswith("sqlite:///"):
             raise ValueError(f"expected sqlite:///absolute/path/queue.db, got {url!r}")
         self.path = Path(url[len("sqlite://"):])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self.lease_seconds = lease_seconds
         self.default_max_attempts = max_attempts
         self._max_attempts: dict[str, int] = {}
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode = WAL")      # waits on `timeout` if busy
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA busy_timeout = 0")        # writes retry in _begin
-        with self._write() as db:
-            for stmt in filter(str.strip, SCHEMA.split(";")):
-                db.execute(stmt)
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(errno.ENOENT, f"no queue file for {url}",
+                                        str(self.path))
+            self._db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True,
+                                       timeout=BUSY_SECONDS, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode = WAL")      # waits on `timeout` if busy
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA busy_timeout = 0")        # writes retry in _begin
+            with self._write() as db:
+                for stmt in filter(str.strip, SCHEMA.split(";")):
+                    db.execute(stmt)
+                for name, (declaration, before) in self._missing_run_columns(db).items():
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
+                    db.execute(f"UPDATE runs SET {name} = {before}")
+        missing = self._missing_run_columns(self._db)       # read-only: read what is there
+        self._run_state_columns = ", ".join(missing[name][1] if name in missing else name
+                                            for name in RUN_COLUMNS)
 
     # -- transactions --------------------------------------------------------------------
     class _Tx:
@@ -102,6 +136,11 @@ class SQLiteQueue:
         return SQLiteQueue._Tx(self)
 
     @staticmethod
+    def _missing_run_columns(db) -> dict[str, tuple[str, str]]:
+        present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+        return {k: v for k, v in RUN_COLUMNS.items() if k not in present}
+
+    @staticmethod
     def _count(db, run: str, stage: str, **delta: int) -> None:
         sets = ", ".join(f"{k} = {k} + ?" for k in delta)
         db.execute(f"UPDATE counts SET {sets} WHERE run = ? AND stage = ?",
@@ -116,13 +155,44 @@ class SQLiteQueue:
         return self._max_attempts[run]
 
     # -- runs ----------------------------------------------------------------------------
-    def register_run(self, run: str, params: str, max_attempts: Optional[int] = None) -> None:
-        """Store the run's parameters (what workers build the run's plan from)."""
+    @writes
+    def register_run(self, run: str, params: str, max_attempts: Optional[int] = None,
+                     meta: Optional[dict] = None) -> None:
+        """Store the run's parameters (what workers build the run's plan from) and identity;
+        the run is active, its heartbeat now."""
+        now = time.time()
         with self._write() as db:
-            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT (run) DO UPDATE SET "
-                       "params = excluded.params, max_attempts = excluded.max_attempts",
-                       (run, params, max_attempts or self.default_max_attempts, time.time()))
+            db.execute("INSERT INTO runs (run, params, max_attempts, created, state, heartbeat, "
+                       "meta) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run) DO UPDATE SET "
+                       "params = excluded.params, max_attempts = excluded.max_attempts, "
+                       "state = excluded.state, heartbeat = excluded.heartbeat, "
+                       "meta = excluded.meta",
+                       (run, params, max_attempts or self.default_max_attempts, now, ACTIVE,
+                        now, json.dumps(meta or {})))
         self._max_attempts.pop(run, None)
+
+    @writes
+    def heartbeat(self, run: str) -> list[str]:
+        """The driver is alive: the run is active again. Nothing here expires: returns []."""
+        self._update_run(run, state=ACTIVE, heartbeat=time.time())
+        return []
+
+    @writes
+    def end_run(self, run: str, state: str) -> None:
+        self._update_run(run, state=check_end_state(state))
+
+    def _update_run(self, run: str, **values) -> None:
+        with self._write() as db:
+            updated = db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} "
+                                 "WHERE run = ?", (*values.values(), run)).rowcount
+        if not updated:
+            raise KeyError(f"run {run!r} is not registered in {self.url}")
+
+    def run_state(self, run: str) -> Optional[RunState]:
+        with self._lock:
+            row = self._db.execute(f"SELECT {self._run_state_columns} FROM runs WHERE run = ?",
+                                   (run,)).fetchone()
+        return RunState(row[0], row[1], json.loads(row[2])) if row else None
 
     def run_params(self, run: str) -> str:
         with self._lock:
@@ -131,6 +201,7 @@ class SQLiteQueue:
             raise KeyError(f"run {run!r} is not registered in {self.url}")
         return row[0]
 
+    @writes
     def forget_run(self, run: str) -> int:
         """Delete the run's tasks (done records included); returns how many there were."""
         with self._write() as db:
@@ -138,6 +209,7 @@ class SQLiteQueue:
             db.execute("DELETE FROM counts WHERE run = ?", (run,))
         return n
 
+    @writes
     def finish(self, run: str) -> None:
         """Nothing to free: the records stay for status and resume."""
 
@@ -146,6 +218,7 @@ class SQLiteQueue:
             return [r[0] for r in self._db.execute("SELECT run FROM runs ORDER BY created")]
 
     # -- publishing ----------------------------------------------------------------------
+    @writes
     def publish(self, run: str, stage: str, kind: str,
                 messages: Iterable[tuple[int, str]], batch: int = 20_000) -> int:
         with self._write() as db:
@@ -174,20 +247,36 @@ class SQLiteQueue:
     def _kinds(self, db) -> list[str]:
         return [r[0] for r in db.execute("SELECT DISTINCT kind FROM counts")]
 
+    def _scopes(self, db, kinds: Optional[Iterable[str]], runs: Optional[Collection[str]],
+                skip_runs: Collection[str]) -> Iterable[tuple[str, ...]]:
+        """What to scan for deliverable tasks: (kind,) for the (kind, due) index, or, when
+        runs are chosen, (kind, run) per run with open tasks for the (kind, run, due) one."""
+        kinds = list(kinds) if kinds else self._kinds(db)
+        if runs is None and not skip_runs:
+            return [(kind,) for kind in kinds]
+        return [(kind, run) for kind in kinds for (run,) in db.execute(
+                    "SELECT DISTINCT run FROM counts WHERE kind = ? AND pending + leased > 0",
+                    (kind,))
+                if (runs is None or run in runs) and run not in skip_runs]
+
+    @writes
     def pull(self, kinds: Optional[Iterable[str]] = None, n: int = 1, worker: str = "",
-             lease_seconds: Optional[float] = None) -> list[Lease]:
-        """Lease up to `n` deliverable messages of the given kinds (all kinds if None)."""
+             lease_seconds: Optional[float] = None, runs: Optional[Collection[str]] = None,
+             skip_runs: Collection[str] = ()) -> list[Lease]:
+        """Lease up to `n` deliverable messages of the given kinds (all kinds if None), of
+        `runs` (all if None) and not of `skip_runs`."""
         lease_seconds = lease_seconds or self.lease_seconds
         out: list[Lease] = []
         with self._write() as db:
             now = time.time()
-            for kind in (list(kinds) if kinds else self._kinds(db)):
+            for scope in self._scopes(db, kinds, runs, skip_runs):
+                where = "kind = ? AND run = ?" if len(scope) == 2 else "kind = ?"
                 while len(out) < n:
                     # Every row read is leased or dead-lettered below, so it leaves the
                     # range: the next query reads only rows not yet seen.
                     rows = db.execute("SELECT run, stage, idx, body, state, attempts FROM tasks "
-                                      "WHERE kind = ? AND due < ? ORDER BY due LIMIT ?",
-                                      (kind, now, n - len(out))).fetchall()
+                                      f"WHERE {where} AND due < ? ORDER BY due LIMIT ?",
+                                      (*scope, now, n - len(out))).fetchall()
                     if not rows:
                         break
                     for run, stage, idx, body, state, attempts in rows:
@@ -217,6 +306,7 @@ class SQLiteQueue:
             self._count(db, run, stage, pending=-1, leased=1)
         return Lease(run, stage, idx, body, attempts + 1, token)
 
+    @writes
     def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool:
         """Push the lease's expiry out; False if the lease was lost (expired and retaken)."""
         with self._write() as db:
@@ -226,10 +316,12 @@ class SQLiteQueue:
                               lease.stage, lease.index, lease.token, LEASED))
             return cur.rowcount == 1
 
+    @writes
     def ack(self, lease: Lease) -> None:
         """Record the task done (its writes are complete). Idempotent."""
         self.ack_many([lease])
 
+    @writes
     def ack_many(self, leases: Iterable[Lease]) -> None:
         with self._write() as db:
             for lease in leases:
@@ -261,10 +353,12 @@ class SQLiteQueue:
                        (state, 0 if state == PENDING else NEVER, attempts, error, *key))
             self._count(db, lease.run, lease.stage, leased=-1, **{_STATE_COLUMN[state]: 1})
 
+    @writes
     def nack(self, lease: Lease, error: str) -> None:
         """The task failed: retry it, or dead-letter it once it has had max_attempts."""
         self._settle(lease, error, "nack")
 
+    @writes
     def release(self, lease: Lease) -> None:
         """Give the task back at once (preemption); not counted as an attempt."""
         self._settle(lease, None, "release")
@@ -283,6 +377,7 @@ class SQLiteQueue:
                                     "LIMIT ?", (run, DEAD, limit)).fetchall()
         return [DeadLetter(*r) for r in rows]
 
+    @writes
     def retry_dead(self, run: str) -> int:
         """Give every dead task of the run a fresh set of attempts."""
         with self._write() as db:
