@@ -363,8 +363,9 @@ def test_cancelling_a_run_stops_its_workers_even_without_the_teardown(airflow):
 
 
 def test_a_watched_model_starts_a_run_when_it_changes(airflow):
-    """watched.yaml watches its model file: replacing it starts a run by itself, and the run
-    computes with the new model."""
+    """watched.yaml watches its model file. A run of the old model first; replacing the file
+    starts a run by itself, which recomputes every task with the new model (a new run
+    identity), and exactly one such run; a manual rerun of the same content skips them all."""
     from voxflow.volume import Volume
     deadline = time.monotonic() + 180
     while True:
@@ -377,18 +378,39 @@ def test_a_watched_model_starts_a_run_when_it_changes(airflow):
                 break                                  # the watcher took its baseline
         assert time.monotonic() < deadline, "the model watcher never started"
         time.sleep(1)
-    assert airflow.api("GET", "/dags/watched/dagRuns", token=airflow.tok)["dag_runs"] == []
-    (airflow.data / "watched.py").write_text(MODEL.format(delay=0).replace("8 * x - 4",
-                                                                           "3 - 6 * x"))
-    while not (runs := airflow.api("GET", "/dags/watched/dagRuns",
-                                   token=airflow.tok)["dag_runs"]):
-        assert time.monotonic() < deadline + 120, "no run started after the model changed"
+    first = _trigger(airflow, {}, dag="watched")
+    assert _follow(airflow, first, dag="watched")[0] == "success"
+    old = _plan_info(airflow, first, dag="watched")
+    retrained = airflow.data / "watched.py.new"     # replaced at once, as a save would
+    retrained.write_text(MODEL.format(delay=0).replace("8 * x - 4", "3 - 6 * x"))
+    os.replace(retrained, airflow.data / "watched.py")
+    deadline = time.monotonic() + 180
+
+    def runs():
+        return [r["dag_run_id"] for r in airflow.api("GET", "/dags/watched/dagRuns",
+                                                     token=airflow.tok)["dag_runs"]]
+    while len(runs()) < 2:
+        assert time.monotonic() < deadline, "no run started after the model changed"
         time.sleep(1)
-    state, seen = _follow(airflow, runs[0]["dag_run_id"], dag="watched")
+    (started,) = set(runs()) - {first}
+    state, seen = _follow(airflow, started, dag="watched")
     assert state == "success", seen
+    new = _plan_info(airflow, started, dag="watched")
+    assert new["model_digest"] != old["model_digest"] and new["run"] != old["run"]
+    published = airflow.api("GET", f"/dags/watched/dagRuns/{started}/taskInstances/"
+                            "inference.publish/xcomEntries/return_value",
+                            token=airflow.tok)["value"]
+    assert published["skipped"] == 0 and published["tasks"] > 0
     out = Volume(f"file://{airflow.data}/out-watched")
     img = Volume(f"file://{airflow.data}/image").read(out.bounds).astype(np.float32) / 255
     assert np.abs(out.read(out.bounds) - 1 / (1 + np.exp(-(3 - 6 * img)))).max() < 1e-5
+    again = _trigger(airflow, {}, dag="watched")              # same content: resumes
+    assert _follow(airflow, again, dag="watched")[0] == "success"
+    published = airflow.api("GET", f"/dags/watched/dagRuns/{again}/taskInstances/"
+                            "inference.publish/xcomEntries/return_value",
+                            token=airflow.tok)["value"]
+    assert published["skipped"] == published["tasks"] > 0
+    assert len(runs()) == 3                                   # the watcher fired once
 
 
 def test_schedule_and_asset_triggers(tmp_path):

@@ -85,7 +85,8 @@ def test_rerun_with_only_workers_changed_skips_every_task(tmp_path, layer, torch
     assert all(s.tasks > 0 for s in again.stages)
 
 
-def test_a_model_saved_over_the_old_one_is_recomputed(tmp_path, layer, torchscript_model):
+def test_a_model_saved_over_the_old_one_is_recomputed(tmp_path, layer, torchscript_model,
+                                                      capsys):
     torchscript_model(_scaled(1.0))
     old = run(load_config(_config(tmp_path)))
     torchscript_model(_scaled(-1.5))                   # other weights, same model.path
@@ -102,7 +103,9 @@ def test_a_model_saved_over_the_old_one_is_recomputed(tmp_path, layer, torchscri
     for m in (0, 1):
         want = Volume(f"file://{fresh}/out", m)
         assert np.array_equal(got[m], want.read(want.bounds)), m
+    capsys.readouterr()
     assert main(["status", new.run, "--queue", f"sqlite://{tmp_path}/queue.db"]) == 0
+    assert f"model {new.model_digest}" in capsys.readouterr().out
 
 
 def test_a_model_changed_mid_run_is_refused_by_workers(tmp_path, layer, torchscript_model,
