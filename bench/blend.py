@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import yaml
 
-from voxflow.blend import OverlapGrid, temporary_url
+from voxflow.blend import OverlapGrid
+from voxflow.temporary import temporary_url
 from voxflow.config import load_config
 from voxflow.demo.run import HERE, RESOLUTION
 from voxflow.demo.synthetic import make_em_volume

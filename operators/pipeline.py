@@ -90,7 +90,9 @@ class PlanRunOperator(BaseOperator):
         self.base_dir = base_dir
 
     def execute(self, context) -> dict:
+        from voxflow.cli import bill_lines
         from voxflow.config import ConfigError, parse_config
+        from voxflow.cost import bill
         from voxflow.pipeline import plan
         from voxflow.runner import register
         from voxflow.stages import stage_names
@@ -100,12 +102,14 @@ class PlanRunOperator(BaseOperator):
             p = plan(config)
         except ConfigError as exc:
             raise AirflowFailException(f"refused, nothing published: {exc}") from None
+        estimate = bill(p)                     # before anything is written
+        self.log.info("the bill, before anything runs:\n%s", "\n".join(bill_lines(estimate)))
         run, meta = register(config, p)
         self.log.info("run %s: %s voxels, stages %s, output %s, model %s", run, p.bbox.size,
                       stage_names(p), config.output, meta["model_digest"])
         return {"run": run, "config": config.model_dump_json(), "stages": stage_names(p),
                 "voxels": p.bbox.size, "started": time.time(),
-                "model_digest": meta["model_digest"]}
+                "model_digest": meta["model_digest"], "bill": estimate}
 
 
 class PublishStageOperator(BaseOperator):
@@ -232,8 +236,9 @@ class WaitForStageOperator(BaseOperator):
 
 
 class FinalizeOperator(BaseOperator):
-    """The run's summary: voxels, tasks per stage, duration, where to look. Deletes an
-    overlap-mode run's temporary partial sums (unless `inference.keep_temporary`)."""
+    """The run's summary: voxels, tasks per stage, duration, what was spent beside the
+    plan's bill, where to look. Deletes an overlap-mode run's temporary partial sums (unless
+    `inference.keep_temporary`)."""
 
     @property
     def operator_extra_links(self):
@@ -242,10 +247,13 @@ class FinalizeOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         from airflow.sdk import Asset
+        from voxflow.cli import spent_lines
+        from voxflow.cost import spent
         from voxflow.runner import delete_temporary
         from voxflow.view import neuroglancer_link
         info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
         run, config = _run(context)
+        used = spent(config, run)                # counts the partial sums: before deleting
         if config.inference.blend == "overlap" and not config.inference.keep_temporary:
             delete_temporary(config, run)
         queue = _open_queue(config)
@@ -265,9 +273,11 @@ class FinalizeOperator(BaseOperator):
             "run": run, "output": config.output, "model_digest": info["model_digest"],
             "voxels": info["voxels"],
             "seconds": round(seconds, 1), "voxels_per_second": round(info["voxels"] / seconds),
-            "stages": stages,
+            "stages": stages, "bill": info.get("bill"), "spent": used,
             "neuroglancer": (f"voxflow view {config.input} {config.output}" if local else
                              neuroglancer_link({"image": config.input, "output": config.output})),
         }
         self.log.info("summary: %s", summary)
+        if info.get("bill"):
+            self.log.info("spent:\n%s", "\n".join(spent_lines(used, info["bill"])))
         return summary

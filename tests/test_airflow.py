@@ -184,12 +184,19 @@ def _plan_info(af, run, dag="e2e", timeout=180):
             time.sleep(0.5)
 
 
-def _log(af, run, task):
-    req = urllib.request.Request(
-        f"{af.url}/api/v2/dags/e2e/dagRuns/{run}/taskInstances/{task}/logs/1?full_content=true",
-        headers={"Authorization": f"Bearer {af.tok}", "Accept": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.dumps(json.loads(r.read()))
+def _log(af, run, task, dag="e2e"):
+    """The task's log, every try."""
+    tries = af.api("GET", f"/dags/{dag}/dagRuns/{run}/taskInstances/{task}",
+                   token=af.tok)["try_number"]
+    text = []
+    for n in range(1, max(tries, 1) + 1):
+        req = urllib.request.Request(
+            f"{af.url}/api/v2/dags/{dag}/dagRuns/{run}/taskInstances/{task}/logs/{n}"
+            "?full_content=true",
+            headers={"Authorization": f"Bearer {af.tok}", "Accept": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text.append(json.dumps(json.loads(r.read())))
+    return "\n".join(text)
 
 
 def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
@@ -202,7 +209,8 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
     state_a, seen_a = _follow(airflow, a)
     state_b, _ = _follow(airflow, b)
     assert (state_a, state_b) == ("success", "success"), seen_a
-    assert "deferred" in seen_a["inference.wait"]            # held no worker slot
+    # held no worker slot while it waited (its log, not a poll that may miss the state)
+    assert "Pausing task as DEFERRED" in _log(airflow, a, "inference.wait")
     out_a = Volume(f"file://{airflow.data}/out-a")
     out_b = Volume(f"file://{airflow.data}/out-b")
     assert out_a.dtype == np.float32 and out_b.dtype == np.uint8
@@ -219,6 +227,11 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
                           "return_value", token=airflow.tok)["value"]
     assert summary["voxels"] == 128 * 128 * 16 and summary["output"].endswith("out-a")
     assert summary["model_digest"].startswith("sha256:")
+    bill = _plan_info(airflow, a)["bill"]                # the plan task's XCom holds the bill
+    assert bill["objects_written"]["output"] == [
+        sum(len(f) for _, _, f in os.walk(airflow.data / "out-a" / s["key"]))
+        for s in out_a.info["scales"]] and bill["dollars"]["total"] > 0
+    assert summary["bill"] == bill and summary["spent"]["workers"]["inference"]["hours"] > 0
     # finalize announced the output layer: pipelines scheduled on it run next
     events = airflow.api("GET", "/assets/events?limit=100", token=airflow.tok)["asset_events"]
     assert any(e["uri"] == f"file://{airflow.data}/out-a" and e["source_dag_id"] == "e2e"

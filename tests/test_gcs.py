@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import voxflow.runner
-from voxflow.blend import TemporaryStore, partial_key, temporary_url
+from voxflow.temporary import TemporaryStore, partial_key, temporary_url
 from voxflow.cli import main
 from voxflow.config import load_config
 from voxflow.geometry import Box
@@ -234,10 +234,13 @@ def test_overlap_run_on_gs_equals_local_run(tmp_path, gcs, monkeypatch):
     base = dict(model={"path": "m.pt", "input_patch": [16, 16, 8], "output_channels": 2},
                 inference={"chunk": [32, 32, 8], "patch_overlap": [6, 6, 3]},
                 storage_chunk=[16, 16, 4], downsample={"mips": 1})
-    on_gs = write_config(tmp_path / "gs.yaml", input=gs_in, output=gs_out, **base)
+    # unsharded on gs:// here (sharded gs:// runs: tests/test_sharding.py)
+    on_gs = write_config(tmp_path / "gs.yaml", input=gs_in, output=gs_out, sharding="off",
+                         **base)
     local = write_config(tmp_path / "local.yaml", input="img", output="out", **base)
     config = load_config(on_gs)
     p = plan(config)
+    assert p.shard_shapes is None
     partials = sum(len(p.grid.bands.sources(c)) for j in range(len(p.grid.bands))
                    for c in p.grid.bands.cells(j))
     assert len(p.grid) >= 6 and len(p.grid.bands) >= 4 and p.downsample  # cut, blended

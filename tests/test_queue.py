@@ -6,7 +6,9 @@ import json
 import multiprocessing as mp
 import random
 import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -457,4 +459,141 @@ def test_sqlite_pull_for_a_run_skips_another_runs_backlog(tmp_path):
         steps.clear()
         (lease,) = q.pull(["inference"], 1, "w", **pull)
         assert lease.run == "small" and len(steps) < 20, (pull, len(steps))
+    q.close()
+
+
+# -- Pub/Sub progress: journal and compact records ---------------------------------------
+class Calls:
+    """Counts the storage requests made through a ledger: a GET or PUT per key, a list call
+    per 1000 keys listed (a GCS page)."""
+
+    def __init__(self, ledger):
+        self.count = 0
+        self._lock = threading.Lock()
+        get, put, list_ = ledger.get, ledger.put, ledger.list
+
+        def listed(prefix=""):
+            keys = list(list_(prefix))
+            self._add(max(1, -(-len(keys) // 1000)))
+            return iter(keys)
+        ledger.get = lambda key: self._add(1) or get(key)
+        ledger.put = lambda key, data: self._add(1) or put(key, data)
+        ledger.list = listed
+
+    def _add(self, n: int) -> None:
+        with self._lock:
+            self.count += n
+
+
+def _progress_objects(q, run="run-a", stage="inference") -> tuple[int, int]:
+    """How many journal entries and compact records the stage has."""
+    return tuple(len(list(q.ledger.list(q.ledger.prefix(run, what, stage))))
+                 for what in ("journal", "compact"))
+
+
+def test_pubsub_counts_exactly_under_redelivery_and_a_lost_ack(pubsub_url):
+    """One task acked by two workers (its lease expired while the first still worked), one
+    recorded done by a worker killed before it acknowledged (redelivered, acknowledged on
+    sight): each counted once, before and after compaction."""
+    q = open_queue(pubsub_url, lease_seconds=30, max_attempts=3)
+    q.register_run("run-a", "{}")
+    _publish(q, 3)
+    slow, killed = q.pull(None, 2, "w1", lease_seconds=1)
+    q.ledger.mark_done([(killed.run, killed.stage, killed.index)])   # what ack writes first
+    time.sleep(1.3)                                   # ... then w1 is gone: no acknowledge
+    again = q.pull(None, 3, "w2")
+    assert {l.index for l in again} == {0, 1, 2} - {killed.index}
+    q.ack(next(l for l in again if l.index == slow.index))
+    assert q.stats("run-a")["inference"] == StageStats(0, 1, 2, 0)
+    assert q.heartbeat("run-a") == [] and _progress_objects(q) == (0, 1)
+    q.ack(slow)                                       # the first worker finishes after all
+    assert _progress_objects(q) == (1, 1)             # journaled again, already compacted
+    assert q.stats("run-a")["inference"] == StageStats(0, 1, 2, 0)
+    q.ack(next(l for l in again if l.index != slow.index))
+    q.heartbeat("run-a")
+    assert q.stats("run-a")["inference"] == StageStats(0, 0, 3, 0)
+    assert _progress_objects(q) == (0, 1) and _publish(q, 3) == 0
+    q.close()
+
+
+def test_pubsub_interrupted_compaction_loses_nothing_and_counts_nothing_twice(pubsub_url):
+    """Compactions killed after writing their record, before deleting what it folded: the
+    leftovers (journal entries, older records) overlap the new record, and stats still
+    count each task once; the next compaction cleans up."""
+    q = open_queue(pubsub_url, lease_seconds=30)
+    q.register_run("run-a", "{}")
+    _publish(q, 10)
+    delete = q.ledger.delete
+
+    def killed(keys):
+        keys = list(keys)
+        if any("/journal/" in k or "/compact/" in k for k in keys):
+            raise OSError("killed")
+        delete(keys)
+    q.ledger.delete = killed
+    for n, objects in ((4, (4, 1)), (3, (7, 2))):
+        q.ack_many(q.pull(None, n, "w"))
+        with pytest.raises(OSError, match="killed"):
+            q.heartbeat("run-a")
+        assert _progress_objects(q) == objects
+        assert q.stats("run-a")["inference"].done == objects[0]
+    q.ledger.delete = delete
+    assert q.heartbeat("run-a") == [] and _progress_objects(q) == (0, 1)
+    assert q.stats("run-a")["inference"] == StageStats(3, 0, 7, 0)
+    q.close()
+
+
+def test_pubsub_racing_compactions_lose_nothing(pubsub_url):
+    """Two drivers of one run heartbeat at once: A reads the journal, B acks more, compacts
+    and deletes the entries it folded, then A writes its (older) union. Records are never
+    overwritten, so B's survives, and the next compaction merges both."""
+    a, b = open_queue(pubsub_url), open_queue(pubsub_url)
+    b.register_run("run-a", "{}")
+    _publish(b, 6)
+    b.ack_many(b.pull(None, 2, "w"))
+    reached, go = threading.Event(), threading.Event()
+    put = a.ledger.put
+
+    def paused(key, data):
+        if "/compact/" in key:
+            reached.set()
+            go.wait(30)
+        put(key, data)
+    a.ledger.put = paused
+    with ThreadPoolExecutor(1) as pool:
+        beat = pool.submit(a.heartbeat, "run-a")
+        assert reached.wait(30)
+        b.ack_many(b.pull(None, 2, "w"))
+        b.heartbeat("run-a")
+        assert _progress_objects(b) == (0, 1)
+        go.set()
+        beat.result()
+    assert _progress_objects(b) == (0, 2)
+    assert b.stats("run-a")["inference"] == StageStats(2, 0, 4, 0)
+    b.heartbeat("run-a")
+    assert _progress_objects(b) == (0, 1)
+    assert a.stats("run-a")["inference"] == StageStats(2, 0, 4, 0)
+    a.close()
+    b.close()
+
+
+def test_pubsub_stats_cost_a_few_storage_calls_whatever_the_task_count(pubsub_url):
+    """20 000 done tasks, compacted by a heartbeat: a poll costs 7 storage requests. Counting
+    the done markers (the design before the journal) lists 20 pages for them alone."""
+    n = 20_000
+    q = open_queue(pubsub_url)
+    q.register_run("run-a", "{}")
+    token = run_token("run-a")
+    q.ledger.put(f"data/{token}/stages/inference.json", json.dumps(
+        {"kind": "inference", "tasks": [[0, n]], "queued": [[0, n]],
+         "queued_at": time.time()}).encode())
+    root = Path(q.ledger.url[len("file://"):]) / "data" / token
+    for what in ("journal", "done"):       # what n acks leave (written straight to disk)
+        (root / what / "inference").mkdir(parents=True)
+        for i in range(n):
+            (root / what / "inference" / str(i)).touch()
+    q.heartbeat("run-a")
+    calls = Calls(q.ledger)
+    assert q.stats("run-a") == {"inference": StageStats(0, 0, n, 0)}
+    assert calls.count <= 8, calls.count  # 7: stages, record, leases, journal, compact + GET, dead
     q.close()

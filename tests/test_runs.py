@@ -132,7 +132,7 @@ def test_a_model_changed_mid_run_is_refused_by_workers(tmp_path, layer, torchscr
 
 def test_a_missing_input_chunk_is_an_error_naming_it(tmp_path, layer, torchscript_model):
     torchscript_model(_scaled(1.0))
-    chunk = tmp_path / "img" / "8_8_40" / "16-32_32-48_8-16.gz"
+    chunk = tmp_path / "img" / "8_8_40" / "16-32_32-48_8-16"
     assert chunk.exists()
     chunk.unlink()
     with pytest.raises(RunFailed) as err:

@@ -22,21 +22,16 @@ storage chunk (the narrowest band).
 from __future__ import annotations
 
 import bisect
-import io
 import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import RunConfig
 from .geometry import Box, Vec3, ceil_div, vec3
 from .inference import PROFILES, Weighting
-from .storage import Storage
 
-TEMPORARY_SUFFIX = ".voxflow-tmp"
 
 
 def axis_lattice(lo: int, hi: int, patch: int, stride: int) -> tuple[int, ...]:
@@ -276,6 +271,13 @@ class OverlapGrid:
             out.append(Piece(box, None if final else vec3([c[0] for c in combo])))
         return out
 
+    def tasks_meeting(self, box: Box) -> list[int]:
+        """The tasks whose regions meet `box`, in index order (a shard's contributors)."""
+        per_axis = [[t for t, (a, b) in enumerate(ax.ranges) if a < hi and b > lo]
+                    for ax, lo, hi in zip(self.axes, box.start, box.stop)]
+        return [self.index((x, y, z)) for z in per_axis[2] for y in per_axis[1]
+                for x in per_axis[0]]
+
     # -- sizes, for `voxflow plan` and the benchmark (per-axis sums multiply: O(tasks)) ----
     def read_voxels(self) -> int:
         return math.prod(sum(b - a + 2 * m for a, b in map(ax.extent, range(ax.tasks)))
@@ -366,54 +368,3 @@ class BandGrid:
 
 def _has_band(ax: AxisCut, first: int, stop: int) -> bool:
     return any(not ax.intervals[i].exclusive for i in range(first, stop))
-
-
-def temporary_url(config: RunConfig, run: str) -> str:
-    """Where run `run` keeps its partial sums: `inference.temporary`, by default beside the
-    output layer (`<output>.voxflow-tmp`, so deleting the layer's folder keeps them apart
-    from the data), then the run id."""
-    root = config.inference.temporary or config.output + TEMPORARY_SUFFIX
-    return f"{root.rstrip('/')}/{run}"
-
-
-def partial_key(cell: Sequence[int], task: int) -> str:
-    """The object holding task `task`'s partial sum for `cell`: one writer per key."""
-    return f"cell-{cell[0]}_{cell[1]}_{cell[2]}.task-{task}.npy"
-
-
-class TemporaryStore:
-    """A run's partial sums under one URL prefix (file://, gs://, ...), through `Storage`.
-
-    Objects are written whole and never modified; a rewrite (a retried task) writes the same
-    bytes, so readers need no locks.
-    """
-
-    def __init__(self, url: str):
-        self.storage = Storage(url)
-        self.url = self.storage.url
-
-    def put(self, key: str, array: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array, dtype="<f4"), allow_pickle=False)
-        self.storage.put(key, buf.getvalue())
-
-    def get(self, key: str, shape: Sequence[int]) -> np.ndarray:
-        data = self.storage.get(key)
-        if data is None:
-            raise FileNotFoundError(f"partial sum {self.url}/{key} is missing")
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.shape != tuple(shape):
-            raise ValueError(f"partial sum {self.url}/{key} has shape {array.shape}, "
-                             f"expected {tuple(shape)}")
-        return array
-
-    def delete_all(self) -> None:
-        """Remove the run's temporary data (and, on a local disk, the emptied folders)."""
-        self.storage.delete_prefix("")
-        if self.url.startswith("file://"):
-            parent = Path(self.url[len("file://"):]).parent
-            if parent.name.endswith(TEMPORARY_SUFFIX):
-                try:
-                    parent.rmdir()                      # only when no other run keeps data
-                except OSError:
-                    pass

@@ -47,32 +47,26 @@ def _human_bytes(n: float) -> str:
 
 
 def _plan_report(p) -> dict:
+    """Tasks, voxels and bytes per stage, and the bill (`voxflow.cost`): all exact, by
+    per-axis arithmetic over the lazy grids (a petavoxel plans in well under a second)."""
     from .blend import OverlapGrid
+    from .cost import bill, read_voxels
     cfg = p.config
     in_voxel_bytes = p.input_channels * np.dtype(p.input_dtype).itemsize
     out_bytes = p.bbox.size * p.output_voxel_bytes
+    stages = [{"stage": "inference", "tasks": len(p.grid), "voxels": p.bbox.size,
+               "bytes_read": read_voxels(p) * in_voxel_bytes, "bytes_written": out_bytes}]
+    blend = {"mode": "crop"}
     if isinstance(p.grid, OverlapGrid):
-        # overlap mode: per-axis sums make these exact in O(tasks per axis)
         band = p.grid.band_voxels()
         temp = p.grid.temporary_voxels() * cfg.model.output_channels * 4     # float32
-        stages = [{"stage": "inference", "tasks": len(p.grid), "patches": p.grid.patch_count(),
-                   "voxels": p.bbox.size,
-                   "bytes_read": p.grid.read_voxels() * in_voxel_bytes,
-                   "bytes_written": (p.bbox.size - band) * p.output_voxel_bytes + temp,
-                   "bytes_temporary": temp}]
+        stages[0].update(patches=p.grid.patch_count(), bytes_temporary=temp,
+                         bytes_written=(p.bbox.size - band) * p.output_voxel_bytes + temp)
         if len(p.grid.bands):
             stages.append({"stage": "blend", "tasks": len(p.grid.bands), "voxels": band,
                            "bytes_read": temp, "bytes_written": band * p.output_voxel_bytes})
         blend = {"mode": "overlap", "temporary_bytes": temp, "output_bytes": out_bytes,
                  "temporary_ratio": round(temp / out_bytes, 4)}
-    else:
-        # read boxes differ only at the edges: estimate from a sample (exact for small grids)
-        sample = _sample(len(p.grid))
-        read_voxels = sum(p.grid.read_box(i).size for i in sample) / len(sample) * len(p.grid)
-        stages = [{"stage": "inference", "tasks": len(p.grid),
-                   "voxels": p.bbox.size, "bytes_read": int(read_voxels * in_voxel_bytes),
-                   "bytes_written": out_bytes}]
-        blend = {"mode": "crop"}
     for i, ps in enumerate(p.downsample):
         vox = ps.grid.bbox.size
         written = sum(vox // (cfg.downsample.factor[0] * cfg.downsample.factor[1]
@@ -83,11 +77,8 @@ def _plan_report(p) -> dict:
                        "bytes_written": written * p.output_voxel_bytes})
     return {"input": cfg.input, "output": cfg.output, "mip": cfg.mip,
             "bbox": {"start": list(p.bbox.start), "stop": list(p.bbox.stop)},
-            "chunk_grid": list(p.grid.counts), "blend": blend, "stages": stages}
-
-
-def _sample(n: int, k: int = 4096) -> range:
-    return range(0, n, max(1, n // k))
+            "chunk_grid": list(p.grid.counts), "blend": blend, "stages": stages,
+            "bill": bill(p)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -98,12 +89,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "the input, loads the model)")
     validate.add_argument("configs", nargs="+", metavar="config",
                           help="run config or pipeline file (YAML), e.g. dags/pipelines/*.yaml")
-    for name, text in (("plan", "show task counts, voxels and bytes per stage"),
-                       ("run", "run all stages in this process")):
+    for name, text in (("plan", "show tasks, voxels, bytes, objects and the bill per stage"),
+                       ("run", "run all stages in this process"),
+                       ("bench-model", "measure the model's inference throughput on one "
+                        "chunk of the input, on this machine's device")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config", help="run config or pipeline file (YAML)")
-        if name == "plan":
+        if name in ("plan", "bench-model"):
             cmd.add_argument("--json", action="store_true", help="print JSON")
+        if name == "bench-model":
+            cmd.add_argument("--seconds", type=float, default=20.0,
+                             help="time to spend computing patches (default 20)")
         if name == "run":
             cmd.add_argument("--quiet", action="store_true", help="no progress bars")
             cmd.add_argument("--run-id", help="default: the output's name and a digest of "
@@ -176,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 _print_plan(report)
+        elif args.command == "bench-model":
+            _bench_model(config, args)
         elif args.command == "run":
             from .runner import run
             summary = run(config, TqdmReporter(not args.quiet), args.run_id)
@@ -184,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{s.seconds:.1f} s")
             print(f"done: {summary.voxels} voxels -> {summary.output} (model "
                   f"{summary.model_digest})")
+            print("\n".join(spent_lines(summary.spent, summary.bill)))
     except ConfigError as exc:
         print(f"voxflow: error: {exc}", file=sys.stderr)
         return 2
@@ -191,6 +190,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"voxflow: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _bench_model(config, args) -> None:
+    from .cost import measure_inference
+    m = measure_inference(config, args.seconds)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return
+    print(f"inference throughput: {m['throughput'] / 1e6:.4g} Mvox/s per worker "
+          f"({m['patches']} patches in {m['seconds']:.1f} s on {m['device']}, "
+          f"{m['precision']}; a whole chunk is {m['chunk_patches']} patches)")
+    print(f"put it in the config:  cost: {{throughput: {{inference: {m['throughput']:.4g}}}}}")
 
 
 def _validate(paths: Sequence[str]) -> int:
@@ -282,6 +293,63 @@ def _print_plan(report: dict) -> None:
         print(f"{s['stage']:>14}: {s['tasks']:>9} tasks  {s['voxels']:>14} voxels  "
               f"read {_human_bytes(s['bytes_read']):>10}  "
               f"write {_human_bytes(s['bytes_written']):>10}{extra}")
+    print("\n".join(bill_lines(report["bill"])))
+
+
+def bill_lines(b: dict) -> list[str]:
+    """The bill (`voxflow.cost.bill`) as text: what `voxflow plan` prints and the Airflow plan
+    task logs."""
+    d, w, r = b["dollars"], b["objects_written"], b["objects_read"]
+    lines = [f"cost    as on Google Cloud (Spot VMs, Cloud Storage, Pub/Sub) at cost.prices of "
+             f"{b['prices_date']}"]
+    for kind, hours in b["worker_hours"].items():
+        unit = "GPU" if kind == "inference" else "CPU"
+        lines.append(f"{kind:>14}: {hours:>14,.1f} {unit} worker-hours at "
+                     f"{b['throughput'][kind] / 1e6:g} Mvox/s per worker  "
+                     f"${d[kind + '_workers']:,.2f}")
+    mips = ", ".join(f"{n:,}" for n in w["output"])
+    lines += [
+        f"{'writes':>14}: {sum(w['output']) + w['temporary'] + w['queue']:>14,} objects "
+        f"(output by mip {mips}; temporary {w['temporary']:,}; queue {w['queue']:,})  "
+        f"${d['object_writes']:,.2f}",
+        f"{'reads':>14}: {sum(r.values()):>14,} objects (input {r['input']:,}; output "
+        f"{r['output']:,}; temporary {r['temporary']:,}; queue {r['queue']:,})  "
+        f"${d['object_reads']:,.2f}",
+        f"{'messages':>14}: {b['messages']['count']:>14,} Pub/Sub messages, "
+        f"{_human_bytes(b['messages']['billed_bytes'])} billed  ${d['pubsub']:,.2f}",
+        f"{'stored':>14}: output {_human_bytes(sum(b['bytes_stored']['output']))} "
+        f"(${d['output_storage_per_month']:,.2f} per month kept); temporary "
+        f"{_human_bytes(b['bytes_stored']['temporary'])} for about "
+        f"{b['temporary_hours']:,.0f} h  ${d['temporary_storage']:,.2f}",
+        f"{'total':>14}: ${d['total']:,.2f} (${d['per_output_teravoxel']:,.2f} per output "
+        "teravoxel), then the output's storage"]
+    return lines
+
+
+def spent_lines(spent: dict, bill: dict) -> list[str]:
+    """What a run used (`voxflow.cost.spent`) beside what plan estimated."""
+    lines = []
+    for kind, w in spent["workers"].items():
+        planned = bill["worker_hours"].get(kind)
+        if planned is None and not w.get("measured"):
+            continue
+        est = f" (plan: {planned:.4g} h)" if planned is not None else ""
+        if w.get("measured"):
+            lines.append(f"spent   {kind}: {w['hours']:.4g} worker-hours in {w['workers']} "
+                         f"worker(s), {w['busy_hours']:.4g} h busy, "
+                         f"${w['dollars']:.4g}{est}")
+        else:
+            lines.append(f"spent   {kind}: not measured ({w['note']}){est}")
+    objects, planned = spent["objects_written"], bill["objects_written"]
+    if objects is None:
+        lines.append("spent   objects: not counted (listing a gs:// output costs class A "
+                     f"operations; plan: output {sum(planned['output']):,}, temporary "
+                     f"{planned['temporary']:,})")
+    else:
+        lines.append(f"spent   objects: output {sum(objects['output']):,} (plan "
+                     f"{sum(planned['output']):,}), temporary {objects['temporary']:,} "
+                     f"(plan {planned['temporary']:,})")
+    return lines
 
 
 if __name__ == "__main__":

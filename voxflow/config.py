@@ -421,6 +421,74 @@ class WorkersConfig(_Section):
                                     description="CPU group.")
 
 
+PRICES_DATE = "2026-12-01"      # when the default prices below were read
+
+
+def _money() -> Any:
+    """A price: finite, not negative (0: free, e.g. a committed or local resource)."""
+    return Field(ge=0, allow_inf_nan=False)
+
+
+class ThroughputConfig(_Section):
+    """Voxels per second of one worker of each group (docs/architecture.md, the bill)."""
+
+    inference: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        77e6, description="Output voxels per second of one inference worker on one whole "
+        "chunk (inference.chunk plus its margin) of this config, as `voxflow bench-model "
+        "CONFIG` measures it on this machine's device; plan converts it to patches per "
+        "second, so overlap mode is priced by the patches it runs. Default: 77 Mvox/s, an "
+        "L4-class GPU with a 1.6 M-parameter RSUNet (issue 11); the same RSUNet in bf16 on "
+        "an H100 ran 149 Mvox/s.")
+    blend: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        8e6, description="Band voxels per second one blend worker reads, adds up and "
+        "writes. Default: 3-channel uint8 output on file:// layers, one worker on a 2-core "
+        "VM (bench/cost.py, 2026-12-01).")
+    downsample: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        16e6, description="Source-mip voxels per second one downsample worker reads, "
+        "averages and writes. Default: 3-channel uint8, 3 mips, file:// layers, one worker "
+        "on a 2-core VM (bench/cost.py, 2026-12-01).")
+
+
+class PricesConfig(_Section):
+    """Dollars per unit, as the bill uses them (defaults: Google Cloud, `PRICES_DATE`)."""
+
+    date: str = Field(PRICES_DATE, description="When these prices were read; printed with "
+                      "the bill.")
+    gpu_hour: Annotated[float, _money()] = Field(
+        0.34, description="One inference worker VM per hour, Spot. Default: g2-standard-8 "
+        "with one NVIDIA L4, an estimate (L4 about $0.22 per GPU-hour plus 8 vCPUs and 32 "
+        "GB; check cloud.google.com/spot-vms/pricing). An H100 worker, a3-highgpu-1g Spot: "
+        "about $2.72 (H100 about $2.25 per GPU-hour, a 2026-03 survey, plus 26 vCPUs at "
+        "$0.0102 and 234 GiB at $0.000888 per hour).")
+    cpu_hour: Annotated[float, _money()] = Field(
+        0.08, description="One blend or downsample worker VM per hour, Spot. Default: "
+        "n1-standard-8 (the gce default machine type), about $0.01 per vCPU-hour with its "
+        "memory.")
+    class_a_per_1000: Annotated[float, _money()] = Field(
+        0.005, description="Cloud Storage class A operations (object writes, listings) per "
+        "1000, Standard storage.")
+    class_b_per_1000: Annotated[float, _money()] = Field(
+        0.0004, description="Cloud Storage class B operations (object reads, also of "
+        "missing objects) per 1000, Standard storage.")
+    storage_gb_month: Annotated[float, _money()] = Field(
+        0.020, description="Cloud Storage Standard, regional, per GiB-month.")
+    pubsub_tib: Annotated[float, _money()] = Field(
+        40.0, description="Pub/Sub message throughput per TiB (publish and delivery each "
+        "count; at least 1000 bytes per request).")
+
+
+class CostConfig(_Section):
+    """What `voxflow plan` prices a run with; changes no output byte (operational)."""
+
+    throughput: ThroughputConfig = Field(
+        default_factory=ThroughputConfig, description="Voxels per second of one worker of "
+        "each group: what turns the plan's voxels into worker-hours.")
+    prices: PricesConfig = Field(
+        default_factory=PricesConfig, description="Dollars the bill uses: Google Cloud list "
+        "prices in us-central1 as read on `date`; Spot prices move (up to once a day), so "
+        "put your region's and your discounts here.")
+
+
 class RunConfig(_Section):
     """One voxflow run: an input layer, a model, an output layer and its pyramid."""
 
@@ -442,9 +510,20 @@ class RunConfig(_Section):
                                  "layer, x y z. Overlap mode blends storage-chunk-wide bands "
                                  "where chunks meet, so thin chunks cost fewer temporary "
                                  "bytes.")
+    sharding: Literal["auto", "on", "off"] = Field(
+        "auto", description="Write the output (every mip) as sharded precomputed: one object "
+        "per shard of many storage chunks instead of one per chunk, which is what keeps "
+        "object operations affordable at petavoxel scale. auto: on for gs:// outputs, off "
+        "for file:// ones.")
+    shard_bytes: PositiveInt = Field(
+        64 << 20, description="Sharded output: uncompressed bytes a shard aims for (a "
+        "power-of-two number of storage chunks, the same at every mip). 64 MiB keeps a "
+        "teravoxel of 3-channel uint8 near 6*10^4 objects and a downsample task (a shard "
+        "times the factor) within memory_target.")
     downsample: DownsampleConfig = Field(default_factory=DownsampleConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
     @field_validator("input", "output")
     @classmethod

@@ -9,7 +9,7 @@ size ceil(size / f^k).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tinybrain
@@ -51,19 +51,42 @@ class DownsamplePass:
 
 
 def plan_downsample(bounds0: Box, region0: Box, chunk: Sequence[int], factor: Sequence[int],
-                    mips: int, voxel_bytes: int, memory_target: int) -> list[DownsamplePass]:
+                    mips: int, voxel_bytes: int, memory_target: int,
+                    shard_shapes: Optional[Sequence[Sequence[int]]] = None
+                    ) -> list[DownsamplePass]:
     """Passes that build mips 1..`mips` over `region0` (mip-0 voxels) within memory_target.
 
     `voxel_bytes` is channels x bytes per voxel; a task holds its input and (in tinybrain)
-    a float copy, so about 2.5x its input bytes.
+    a float copy, so about 2.5x its input bytes. Unsharded, a task covers storage chunks
+    times factor^m, m as large as memory allows. Sharded (`shard_shapes`: voxels per shard
+    at each mip), a task makes whole shards at every mip it writes, so it is a shard of its
+    top mip times factor^m: with shards of about the same voxels at every mip that is 4^m
+    shards of its source mip (2x2x1), and m is usually smaller than unsharded — fewer mips
+    per pass, each pass rounding once, as igneous's sharded pyramids do.
     """
     chunk, factor = vec3(chunk), vec3(factor)
     passes, source = [], 0
     while source < mips:
-        m = 1
-        while m < mips - source and _task_bytes(chunk, factor, m + 1, voxel_bytes) <= memory_target:
-            m += 1
-        shape = [c * f ** m for c, f in zip(chunk, factor)]
+        if shard_shapes is None:
+            m = 1
+            while m < mips - source and \
+                    _task_bytes(chunk, factor, m + 1, voxel_bytes) <= memory_target:
+                m += 1
+            shape = [c * f ** m for c, f in zip(chunk, factor)]
+        else:
+            m, shape = 1, _shard_task(shard_shapes, factor, source, 1)
+            need = _task_bytes(shape, (1, 1, 1), 0, voxel_bytes)
+            if need > memory_target:
+                from .config import ConfigError
+                raise ConfigError("downsample.memory_target", f"{memory_target} bytes cannot "
+                                  f"hold a downsample task of the sharded output: one shard "
+                                  f"of mip {source + 1} needs {shape} voxels of mip {source}, "
+                                  f"about {int(need)} bytes")
+            while m < mips - source and _task_bytes(
+                    _shard_task(shard_shapes, factor, source, m + 1), (1, 1, 1), 0,
+                    voxel_bytes) <= memory_target:
+                m += 1
+            shape = _shard_task(shard_shapes, factor, source, m)
         bounds = mip_bounds(bounds0, factor, source)
         region = to_mip(region0, bounds0, factor, source)
         off = bounds.start
@@ -73,6 +96,15 @@ def plan_downsample(bounds0: Box, region0: Box, chunk: Sequence[int], factor: Se
         passes.append(DownsamplePass(source, m, grid))
         source += m
     return passes
+
+
+def _shard_task(shard_shapes: Sequence[Sequence[int]], factor: Vec3, source: int,
+                m: int) -> list[int]:
+    """The mip-`source` task shape that makes whole shards at mips source+1 .. source+m:
+    shard shapes are storage chunks times powers of two, so the largest of shard_k * f^k is
+    a multiple of every one."""
+    return [max(shard_shapes[source + k][a] * factor[a] ** k for k in range(1, m + 1))
+            for a in range(3)]
 
 
 def _task_bytes(chunk, factor, m, voxel_bytes) -> float:

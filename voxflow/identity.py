@@ -23,6 +23,7 @@ from .config import ModelConfig, RunConfig
 OPERATIONAL: dict[str, Optional[set[str]]] = {
     "queue": None,                       # None: the whole section
     "workers": None,
+    "cost": None,                        # prices and throughputs: the bill, not the bytes
     "inference": {"keep_temporary"},
     "model": {"path", "weights"},        # their digests stand for them
 }

@@ -13,8 +13,9 @@ import numpy as np
 
 from .blend import OverlapGrid
 from .config import ConfigError, RunConfig
-from .downsample import DownsamplePass, plan_downsample
-from .geometry import Box, ChunkGrid
+from .downsample import DownsamplePass, mip_bounds, plan_downsample
+from .geometry import Box, ChunkGrid, Vec3
+from .sharding import shard_shape, sharding_spec, spec_bytes
 from .models import Model
 from .volume import LayerNotFound, Volume
 
@@ -31,6 +32,8 @@ class Plan:
     resolution: tuple[float, float, float]
     grid: Union[ChunkGrid, OverlapGrid]   # inference tasks: crop chunks, or overlap blocks
     downsample: tuple[DownsamplePass, ...]
+    shard_shapes: Optional[tuple[Vec3, ...]] = None   # per output mip; None: unsharded
+    shard_bytes: Optional[int] = None                 # a full shard's, uncompressed
 
     @property
     def output_voxel_bytes(self) -> int:
@@ -61,7 +64,9 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
                               f"model's patch margin {config.model.patch_margin} along {axis}")
     if model is not None or check_model:
         (model or Model(config.model, "cpu")).check(source.num_channels)
-    _check_existing_output(config, bounds, source.resolution)
+    voxel_bytes = config.model.output_channels * np.dtype(config.output_dtype).itemsize
+    shards, shard_bytes = _shard_shapes(config, bounds, voxel_bytes)
+    _check_existing_output(config, bounds, source.resolution, shards)
     inf = config.inference
     if inf.blend == "overlap":
         grid = OverlapGrid(bbox, config.model.output_patch, inf.patch_overlap,
@@ -71,13 +76,38 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
         grid = ChunkGrid(bbox, inf.chunk, config.margin, origin=bounds.start)
     ds = config.downsample
     passes = plan_downsample(bounds, bbox, config.storage_chunk, ds.factor, ds.mips,
-                             config.model.output_channels
-                             * np.dtype(config.output_dtype).itemsize, ds.memory_target)
+                             voxel_bytes, ds.memory_target, shards)
     return Plan(config, bbox, bounds, source.num_channels, str(source.dtype), source.resolution,
-                grid, tuple(passes))
+                grid, tuple(passes), shards, shard_bytes)
 
 
-def _check_existing_output(config: RunConfig, bounds: Box, resolution) -> None:
+def _shard_shapes(config: RunConfig, bounds: Box,
+                  voxel_bytes: int) -> tuple[Optional[tuple[Vec3, ...]], Optional[int]]:
+    """The output's shard shape at every mip and a full shard's bytes, or (None, None) when
+    it is not sharded. In crop mode the shard shape divides the task chunk (a task writes
+    whole shards); every mip holds as many chunks per shard as mip 0."""
+    if not uses_sharding(config):
+        return None, None
+    factor, chunk = config.downsample.factor, config.storage_chunk
+    spec0 = sharding_spec(bounds.shape, chunk, voxel_bytes, config.shard_bytes,
+                          config.inference.chunk if config.inference.blend == "crop" else None)
+    shard_bytes = spec_bytes(spec0, chunk, voxel_bytes)
+    shapes = []
+    for m in range(config.downsample.mips + 1):
+        size = mip_bounds(bounds, factor, m).shape
+        shapes.append(shard_shape(sharding_spec(size, chunk, voxel_bytes, shard_bytes),
+                                  size, chunk))
+    return tuple(shapes), shard_bytes
+
+
+def uses_sharding(config: RunConfig) -> bool:
+    """`sharding: auto` shards gs:// outputs, where object operations are billed."""
+    return config.sharding == "on" or (config.sharding == "auto"
+                                       and config.output.startswith("gs://"))
+
+
+def _check_existing_output(config: RunConfig, bounds: Box, resolution,
+                           shards: Optional[tuple[Vec3, ...]]) -> None:
     try:
         out = Volume(config.output)
     except LayerNotFound:
@@ -97,6 +127,14 @@ def _check_existing_output(config: RunConfig, bounds: Box, resolution) -> None:
     if any(c % s for c, s in zip(config.inference.chunk, out.chunk)):
         raise ConfigError("inference.chunk", f"{config.inference.chunk} is not a multiple of "
                           f"the existing output's storage chunk {list(out.chunk)}")
+    if (out.shard_shape is not None) != (shards is not None):
+        have = "sharded" if out.shard_shape is not None else "unsharded"
+        raise ConfigError("sharding", f"{config.sharding} does not fit the existing output "
+                          f"{config.output}, which is {have}")
+    if shards is not None and out.shard_shape != shards[0]:
+        raise ConfigError("shard_bytes", f"{config.shard_bytes} makes shards of "
+                          f"{list(shards[0])} voxels; the existing output's are "
+                          f"{list(out.shard_shape)}")
 
 
 def create_layers(p: Plan) -> bool:
@@ -107,7 +145,7 @@ def create_layers(p: Plan) -> bool:
         Volume.create(cfg.output, num_channels=cfg.model.output_channels,
                       dtype=cfg.output_dtype, resolution=p.resolution,
                       voxel_offset=p.input_bounds.start, size=p.input_bounds.shape,
-                      chunk=cfg.storage_chunk)
+                      chunk=cfg.storage_chunk, shard_bytes=p.shard_bytes)
     if cfg.downsample.mips:
         Volume(cfg.output).ensure_mips(cfg.downsample.factor, cfg.downsample.mips)
     return created

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from .blend import TemporaryStore, temporary_url
+from .temporary import TemporaryStore, temporary_url
 from .config import RunConfig, voxflow_home
+from .cost import bill, spent
 from .groups import Autoscaler, open_group
 from .messages import encode
 from .identity import run_identity
@@ -73,6 +74,8 @@ class RunSummary:
     voxels: int
     model_digest: str
     stages: list[StageSummary] = field(default_factory=list)
+    bill: dict = field(default_factory=dict)      # what plan estimated (`voxflow.cost.bill`)
+    spent: dict = field(default_factory=dict)     # what was measured (`voxflow.cost.spent`)
 
 
 def default_run_id(config: RunConfig) -> str:
@@ -110,7 +113,8 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
     queue = open_queue(config.queue.url, **queue_options(config))
     if reporter:
         reporter.begin(run_id, queue.url)
-    summary = RunSummary(run_id, config.output, p.bbox.size, meta["model_digest"])
+    summary = RunSummary(run_id, config.output, p.bbox.size, meta["model_digest"],
+                         bill=bill(p))
     poll_seconds = max(poll_seconds, getattr(queue, "poll_seconds", 0.0))
     ended = "failed"
     try:
@@ -125,6 +129,7 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
     finally:
         queue.end_run(run_id, ended)      # workers give the run up at once
         queue.close()
+    summary.spent = spent(config, run_id)           # counts the partial sums: before deleting
     if config.inference.blend == "overlap" and not config.inference.keep_temporary:
         delete_temporary(config, run_id)
     return summary

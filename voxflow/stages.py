@@ -16,13 +16,15 @@ from typing import Any, Optional, Protocol, Union
 import numpy as np
 import torch
 
-from .blend import BandGrid, OverlapGrid, TemporaryStore, partial_key, temporary_url
+from .blend import BandGrid, OverlapGrid
 from .downsample import downsample
 from .geometry import Box, ChunkGrid
 from .inference import SlidingWindow
 from .models import Model, pick_device
 from .config import RunConfig
 from .pipeline import Plan, plan
+from .sharding import shard_grid
+from .temporary import TemporaryStore, pack_key, partial_key, temporary_url
 from .volume import Volume
 
 
@@ -124,13 +126,29 @@ class OverlapInferenceStage(InferenceStage):
         acc = self.window.weighted_sum(image, self.grid.patch_starts(index))
         _divide(acc, self.grid.weight_sums(index, cfg.inference.weighting))
         origin = self.grid.extent(index).start
-        for piece in self.grid.pieces(index):
-            part = acc[(slice(None), *piece.box.zyx_slices(origin))]
-            if piece.cell is None:
-                self._output.write(piece.box, to_output_dtype(part, cfg.output_dtype)
-                                   .cpu().numpy())
-            else:
-                self.store.put(partial_key(piece.cell, index), part.cpu().numpy())
+
+        def values(box: Box, final: bool) -> np.ndarray:
+            part = acc[(slice(None), *box.zyx_slices(origin))]
+            return (to_output_dtype(part, cfg.output_dtype) if final else part).cpu().numpy()
+
+        pieces = self.grid.pieces(index)
+        if self.plan.shard_shapes is None:
+            for piece in pieces:
+                if piece.cell is None:
+                    self._output.write(piece.box, values(piece.box, True))
+                else:
+                    self.store.put(partial_key(piece.cell, index), values(piece.box, False))
+            return
+        # sharded: no shard is this task's alone to write; every piece, split by shard and
+        # grouped by shard, goes into one pack for the blend stage to assemble
+        packed = []
+        for shard in shard_grid(self.plan.input_bounds, self.plan.shard_shapes[0],
+                                self.grid.box(index)):
+            for piece in pieces:
+                box = piece.box.intersect(shard)
+                if not box.is_empty():
+                    packed.append((box, piece.cell, values(box, piece.cell is None)))
+        self.store.put_pack(pack_key(index), packed)
 
 
 class BlendStage:
@@ -170,6 +188,52 @@ class BlendStage:
             self._output.write(box, to_output_dtype(torch.from_numpy(acc), dtype).numpy())
 
 
+class ShardBlendStage:
+    """Overlap mode, sharded output: a task assembles one whole shard from the packs of the
+    inference tasks that meet it — their final values, and the band cells' partial sums
+    added in task order (the unsharded blend's order, so the bytes are the same) — and
+    writes the shard, once."""
+
+    name = kind = "blend"
+
+    def __init__(self, p: Plan, run: str):
+        self.plan = p
+        self.grid = stage_grid(p, "blend")
+        self.store = TemporaryStore(temporary_url(p.config, run))
+        self._output = Volume(p.config.output)
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def box(self, index: int) -> Box:
+        return self.grid.box(index)
+
+    def load(self, index: int) -> list[list[tuple[Box, Optional[tuple], np.ndarray]]]:
+        shard = self.box(index)
+        return [self.store.pack_pieces(pack_key(task), shard)
+                for task in self.plan.grid.tasks_meeting(shard)]
+
+    def process(self, index: int, packs: list) -> None:
+        cfg, shard = self.plan.config, self.box(index)
+        out = np.zeros((cfg.model.output_channels, *reversed(shard.shape)), cfg.output_dtype)
+        sums: dict[tuple, tuple[Box, np.ndarray]] = {}
+        for pieces in packs:                              # in task order
+            for box, cell, values in pieces:
+                if cell is None:
+                    out[(slice(None), *box.zyx_slices(shard.start))] = values
+                    continue
+                if cell not in sums:
+                    cbox = self.plan.grid.bands.cell_box(cell).intersect(shard)
+                    sums[cell] = cbox, np.zeros((out.shape[0], *reversed(cbox.shape)),
+                                                np.float32)
+                cbox, acc = sums[cell]
+                acc[(slice(None), *box.zyx_slices(cbox.start))] += values
+        for cbox, acc in sums.values():
+            out[(slice(None), *cbox.zyx_slices(shard.start))] = to_output_dtype(
+                torch.from_numpy(acc), cfg.output_dtype).numpy()
+        self._output.write(shard, out)
+
+
 class DownsampleStage:
     """One pass of the pyramid: read a source-mip box, write the mips above it."""
 
@@ -204,6 +268,8 @@ def stage_grid(p: Plan, name: str) -> Union[ChunkGrid, OverlapGrid, BandGrid]:
     if name == "inference":
         return p.grid
     if name == "blend" and isinstance(p.grid, OverlapGrid):
+        if p.shard_shapes is not None:                  # one task per shard of the bbox
+            return shard_grid(p.input_bounds, p.shard_shapes[0], p.bbox)
         return p.grid.bands
     kind, _, number = name.partition("-")
     if kind == "downsample" and number.isdigit() and int(number) < len(p.downsample):
@@ -212,8 +278,10 @@ def stage_grid(p: Plan, name: str) -> Union[ChunkGrid, OverlapGrid, BandGrid]:
 
 
 def stage_names(p: Plan) -> list[str]:
-    """The run's stages, in the order they run (blend only where chunks meet)."""
-    blend = ["blend"] if isinstance(p.grid, OverlapGrid) and len(p.grid.bands) else []
+    """The run's stages, in the order they run (blend where chunks meet, and wherever the
+    output is sharded in overlap mode: shards are assembled there)."""
+    blend = ["blend"] if isinstance(p.grid, OverlapGrid) and (
+        len(p.grid.bands) or p.shard_shapes is not None) else []
     return ["inference", *blend] + [f"downsample-{i}" for i in range(len(p.downsample))]
 
 
@@ -230,7 +298,7 @@ def build_stage(p: Plan, name: str, run: str, model: Optional[Model] = None) -> 
             return OverlapInferenceStage(p, run, model)
         return InferenceStage(p, model)
     if name == "blend":
-        return BlendStage(p, run)
+        return ShardBlendStage(p, run) if p.shard_shapes is not None else BlendStage(p, run)
     return DownsampleStage(p, int(name.partition("-")[2]))
 
 

@@ -123,6 +123,18 @@ class Storage:
             return None
         return self._files.get(key)
 
+    def get_range(self, key: str, start: int, stop: int) -> Optional[bytes]:
+        """Bytes [start, stop) of an object (fewer at its end); None when it is missing."""
+        _check_key(key)
+        if self._root is not None:
+            try:
+                with open(self._root / key, "rb") as f:
+                    f.seek(start)
+                    return f.read(stop - start)
+            except FileNotFoundError:
+                return None
+        return self._files.get({"path": key, "start": start, "end": stop})
+
     def digest(self, key: str) -> Optional[str]:
         """What the object's content is, cheaply: sha256 of a local file; the object's MD5
         (else CRC32C) from its metadata on a bucket — no download. None when missing."""

@@ -1,12 +1,15 @@
 """`voxflow view`: serve local precomputed layers to Neuroglancer, on 127.0.0.1 only.
 
 Neuroglancer reads `precomputed://http://...` sources; a `file://` layer needs a small HTTP
-server that answers with CORS headers and serves cloud-volume's `.gz` chunks with
-`Content-Encoding: gzip`. Remote layers (`gs://`) are linked directly.
+server that answers with CORS headers, byte ranges (a sharded layer is read as ranges of its
+shard files: index, minishard index, chunk) and, for layers written by other tools, serves
+cloud-volume's `.gz` chunks with `Content-Encoding: gzip`. Remote layers (`gs://`) are linked
+directly.
 """
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -37,23 +40,57 @@ class _LayerHandler(SimpleHTTPRequestHandler):
         return (gz, True) if gz.is_file() else (None, False)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
         path, gzipped = self._resolve()
         if path is None:
             self.send_error(404)
             return
-        body = path.read_bytes()
-        self.send_response(200)
+        data = path.read_bytes()
+        span = _byte_range(self.headers.get("Range"), len(data)) if not gzipped else None
+        if span == "unsatisfiable":
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.end_headers()
+            return
+        if span:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {span[0]}-{span[1] - 1}/{len(data)}")
+            data = data[span[0]:span[1]]
+        else:
+            self.send_response(200)
         self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length")
+        self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/json" if path.name == "info"
                          else "application/octet-stream")
         if gzipped:
             self.send_header("Content-Encoding", "gzip")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body)
+        if body:
+            self.wfile.write(data)
 
     def log_message(self, *args) -> None:
         pass
+
+
+def _byte_range(header: str | None, size: int):
+    """[start, stop) of a single `Range: bytes=...` header; None for none (or one this
+    server does not serve: several ranges), "unsatisfiable" past the end."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not m or not (m[1] or m[2]):
+        return None
+    if m[1]:
+        start, stop = int(m[1]), min(size, int(m[2]) + 1) if m[2] else size
+    else:
+        start, stop = max(0, size - int(m[2])), size
+    return (start, stop) if start < stop else "unsatisfiable"
 
 
 def neuroglancer_link(sources: dict[str, str]) -> str:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Literal, Optional, Sequence
 
 import numpy as np
-from cloudvolume import Bbox, CloudVolume
+from cloudvolume import Bbox, CloudVolume, chunks
 from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 from cloudvolume.paths import ALLOWED_FORMATS
 
 from .geometry import Box, Vec3, vec3
+from .sharding import shard_shape, shards_meeting, sharding_spec, spec_bytes
+from .storage import Storage
 
 Pad = Literal["zeros", "mirror"]
 IMAGE_DTYPES = ("uint8", "uint16", "float16", "float32")
@@ -37,8 +39,15 @@ def _precomputed(url: str) -> str:
 
 
 def _open(url: str, mip: int, fill_missing: bool = True) -> CloudVolume:
+    # file://: chunk files uncompressed under their plain names. cloud-volume would gzip them
+    # as NAME.gz, which no other reader of the format (tensorstore, Neuroglancer's own
+    # server) looks for: they read zeros. (Shards carry gzip inside the format.)
+    # cdn_cache=False: cloud-volume 12 sends its default (True) raw as the shards'
+    # Cache-Control header, which stalls uploads on the GCS emulator.
+    local = url.removeprefix("precomputed://").startswith("file://")
     return CloudVolume(_precomputed(url), mip=mip, fill_missing=fill_missing, bounded=False,
-                       progress=False, non_aligned_writes=True)
+                       progress=False, non_aligned_writes=True,
+                       compress=False if local else None, cdn_cache=False)
 
 
 class Volume:
@@ -69,8 +78,10 @@ class Volume:
     def create(cls, url: str, *, num_channels: int, dtype: str, resolution: Sequence[float],
                voxel_offset: Sequence[int], size: Sequence[int], chunk: Sequence[int],
                layer_type: Literal["image", "segmentation"] = "image",
-               encoding: Optional[str] = None) -> "Volume":
-        """Write the `info` of a new layer (mip 0 only) and open it."""
+               encoding: Optional[str] = None, shard_bytes: Optional[int] = None
+               ) -> "Volume":
+        """Write the `info` of a new layer (mip 0 only) and open it; with `shard_bytes`, a
+        sharded one (`voxflow.sharding`)."""
         allowed = IMAGE_DTYPES if layer_type == "image" else SEGMENTATION_DTYPES
         if dtype not in allowed:
             raise ValueError(f"dtype {dtype} is not one of {allowed} for a {layer_type} layer")
@@ -82,6 +93,9 @@ class Volume:
                                               for r in resolution],
             voxel_offset=list(vec3(voxel_offset)), volume_size=list(vec3(size)),
             chunk_size=list(vec3(chunk)))
+        if shard_bytes:
+            info["scales"][0]["sharding"] = sharding_spec(
+                size, chunk, int(num_channels) * np.dtype(dtype).itemsize, shard_bytes)
         cv = CloudVolume(url, info=info, progress=False)
         cv.commit_info()
         return cls(url)
@@ -118,6 +132,19 @@ class Volume:
         return self._cv.meta.layer_type
 
     @property
+    def key(self) -> str:
+        """The scale's folder in the layer (e.g. `8_8_40`)."""
+        return self._cv.meta.key(self.mip)
+
+    @property
+    def shard_shape(self) -> Optional[Vec3]:
+        """Voxels per shard at this mip; None for an unsharded scale."""
+        spec = self._cv.meta.scale(self.mip).get("sharding")
+        if not spec:
+            return None
+        return shard_shape(spec, self.bounds.shape, self.chunk)
+
+    @property
     def num_mips(self) -> int:
         return len(self._cv.meta.available_mips)
 
@@ -141,7 +168,7 @@ class Volume:
             cut = self._cv.download(Bbox(inside.start, inside.stop), mip=self.mip)
         except EmptyVolumeException as exc:
             chunk = Bbox.create(exc.args[0]).to_filename() if exc.args else "?"
-            raise MissingChunk(f"chunk {self.url}/{self._cv.meta.key(self.mip)}/{chunk} of "
+            raise MissingChunk(f"chunk {self.url}/{self.key}/{chunk} of "
                                f"the input is missing (reading {box}); `input_missing: "
                                "zeros` reads missing chunks as 0") from None
         data = np.ascontiguousarray(np.asarray(cut).transpose(3, 2, 1, 0))
@@ -155,21 +182,66 @@ class Volume:
         return np.pad(data, widths)
 
     def write(self, box: Box, data: np.ndarray) -> None:
-        """Write (c, z, y, x) `data` to `box`, which must lie inside the layer."""
+        """Write (c, z, y, x) `data` to `box`, which must lie inside the layer. On a sharded
+        scale each shard the box meets is written whole, once: a shard the box covers only
+        in part is read first and keeps its other voxels."""
         expected = (self.num_channels, *reversed(box.shape))
         if data.shape != expected:
             raise ValueError(f"data of shape {data.shape} does not fit box {box} "
                              f"(expected {expected})")
         if not self.bounds.contains(box):
             raise ValueError(f"box {box} is outside layer bounds {self.bounds}")
-        self._cv.image.upload(data.astype(self.dtype, copy=False).transpose(3, 2, 1, 0),
-                              Bbox(box.start, box.stop).minpt, self.mip,
-                              parallel=self._cv.parallel)
+        data = data.astype(self.dtype, copy=False)
+        shape = self.shard_shape
+        if shape is None:
+            self._upload(box, data)
+            return
+        for shard in shards_meeting(self.bounds, shape, box):
+            part = shard.intersect(box)
+            values = data[(slice(None), *part.zyx_slices(box.start))]
+            if part != shard:                      # the rest of the shard stays as it was
+                whole = self.read(shard)
+                whole[(slice(None), *part.zyx_slices(shard.start))] = values
+                values = whole
+            self._upload(shard, values)
+
+    def _upload(self, box: Box, data: np.ndarray) -> None:
+        """Unsharded: one cloud-volume upload of any box. Sharded: `box` is one whole shard,
+        encoded chunk by chunk and written as one object."""
+        if self.shard_shape is None:
+            self._cv.image.upload(data.transpose(3, 2, 1, 0), Bbox(box.start, box.stop).minpt,
+                                  self.mip, parallel=self._cv.parallel)
+            return
+        # Every chunk encoded on its own: cloud-volume 12's make_shard_chunks gives every
+        # all-background chunk of a shard the first one's bytes whatever its shape, so
+        # chunks clipped at the layer's end would decode wrong (found here).
+        meta, image = self._cv.meta, self._cv.image
+        bbox = Bbox(box.start, box.stop)
+        gpts, codes = image.morton_codes(bbox, mip=self.mip)
+        chunk, size = np.array(meta.chunk_size(self.mip)), np.array(meta.volume_size(self.mip))
+        img = data.transpose(3, 2, 1, 0)
+        anchor = gpts[0] * chunk
+        labels = {}
+        for pt, code in zip(gpts, codes):
+            lo, hi = pt * chunk, np.minimum((pt + 1) * chunk, size)
+            cut = img[tuple(slice(a, b) for a, b in zip(lo - anchor, hi - anchor))]
+            labels[code] = chunks.encode(
+                cut, meta.encoding(self.mip),
+                block_size=meta.compressed_segmentation_block_size(self.mip),
+                compression_params=meta.compression_params(self.mip),
+                num_threads=meta.config.codec_threads)
+        name, shard = image.make_shard(labels, bbox, self.mip)
+        Storage(f"{self.url}/{self.key}").put(name, shard)
 
     # -- pyramid ---------------------------------------------------------------------------
     def ensure_mips(self, factor: Sequence[int], mips: int) -> None:
-        """Add scales 1..mips (each `factor` times coarser than the one before) if missing."""
+        """Add scales 1..mips (each `factor` times coarser than the one before) if missing;
+        sharded like mip 0 (each scale's own spec, for its own grid)."""
         cv = _open(self.url, 0)
+        spec0 = cv.meta.scale(0).get("sharding")
+        voxel_bytes = self.num_channels * self.dtype.itemsize
+        if spec0:                     # as many chunks per shard as mip 0 (or its whole grid)
+            shard_bytes = spec_bytes(spec0, cv.meta.chunk_size(0), voxel_bytes)
         changed = False
         for m in range(1, mips + 1):
             total = [f ** m for f in factor]
@@ -178,7 +250,10 @@ class Volume:
                 if not np.allclose(have, total):
                     raise ValueError(f"{self.url} mip {m} has factor {have}, not {total}")
                 continue
-            cv.meta.add_scale(total, chunk_size=cv.meta.chunk_size(0))
+            scale = cv.meta.add_scale(total, chunk_size=cv.meta.chunk_size(0))
+            if spec0:
+                scale["sharding"] = sharding_spec(scale["size"], scale["chunk_sizes"][0],
+                                                  voxel_bytes, shard_bytes)
             changed = True
         if changed:
             cv.commit_info()

@@ -18,37 +18,31 @@ driver can read: no done count, no error text, no way to list dead tasks. So:
   retention is dropped unseen, while the stage record still says it was sent; so the record
   keeps when its messages were published (`queued_at`), `heartbeat` names the stages with
   open tasks that are about to reach retention (`republish_margin` ahead), and publishing
-  such a stage re-sends every task neither done nor dead. The copies still in the subscription are duplicates, which are harmless: a
-  redelivery of a finished task is acknowledged on pull.
-- **The ledger** (`LEDGER/runs/RUN.json`, `LEDGER/state/RUN.json`, `LEDGER/data/RUN/…`,
-  `LEDGER/leases/KIND/RUN/…`) holds the run's parameters, its state (active or how it ended,
-  the driver's last heartbeat, its identity: a small object of its own, so the heartbeat
-  rewrites only that and `run_state` is one small read), one done marker per finished task
-  (idempotent under redelivery: a marker is written, never counted twice), dead letters with
-  their error and body, per-task release/failure counts, and one small lease record per held
-  task (who holds it until when; how `extend` learns that a lease was lost and how
-  `busy_workers` and `leased` are known).
+  such a stage re-sends every task neither done nor dead. The copies still in the
+  subscription are duplicates, which are harmless: a redelivery of a finished task is
+  acknowledged on pull.
+- **The ledger** (`ledger.py`: its layout and why progress costs O(1) per poll) holds the
+  run's parameters and state, one done marker per finished task (how a redelivery is
+  recognised) plus a journal compacted into done bitmaps by `heartbeat` (how progress is
+  counted), dead letters with their error and body, per-task release/failure counts, and one
+  small lease record per held task (who holds it until when; how `extend` learns that a lease
+  was lost and how `busy_workers` and `leased` are known).
 - **Done wins over dead**: a task given up (dead) whose worker still finishes it gets a done
-  marker next to its dead marker. Counting collects a stage's (few) dead indices and checks
-  them while listing its done markers, so such a task is counted done only without any
-  extra call on the ack path and without holding a stage's done indices; `dead_letters` and
-  `retry_dead` skip it too.
+  marker next to its dead marker; counting checks the (few) dead indices against the done
+  bitmap, and `dead_letters` and `retry_dead` against the done markers, so it counts done
+  only.
 
 Attempts are counted by voxflow, not by Pub/Sub's dead-letter policy: attempt = Pub/Sub's
 delivery_attempt − releases. A task whose attempt would exceed `max_attempts` (its workers
 were lost each time) and a task nacked at its last attempt go to the ledger's dead letters
 with their error, exactly like the SQLite queue. (The dead-letter policy is also what makes
 Pub/Sub fill in delivery_attempt; the test emulator fills it in regardless and ignores the
-policy.) Progress: done and dead are counted by listing the ledger (one list call per 1000
-records), so drivers poll every few seconds (`poll_seconds`). Reads (`stats`, `dead_letters`,
-`runs`, `run_state`, `run_params`) write nothing; a queue opened `readonly` refuses every
-method that writes or creates resources.
+policy.) Reads (`stats`, `dead_letters`, `runs`, `run_state`, `run_params`) write nothing; a
+queue opened `readonly` refuses every method that writes or creates resources.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
-import itertools
 import json
 import math
 import random
@@ -58,10 +52,11 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Iterator, Optional
+from typing import Callable, Collection, Iterable, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from . import ACTIVE, DeadLetter, Lease, RunState, StageStats, check_end_state, writes
+from .ledger import Bitmap, Ledger, Ranges, run_token
 
 MAX_DEADLINE = 600                      # Pub/Sub's limit for an ack deadline, seconds
 MIN_RETENTION, MAX_RETENTION = 600, 604_800     # Pub/Sub's limits for message retention
@@ -71,12 +66,6 @@ MIN_RETENTION, MAX_RETENTION = 600, 604_800     # Pub/Sub's limits for message r
 LIST_SECONDS_BUSY, LIST_SECONDS_IDLE = 60.0, 5.0
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_.~+-]{0,59}$")
-
-
-def run_token(run: str) -> str:
-    """The run's name in resource and object names: readable, unique, Pub/Sub-safe."""
-    safe = re.sub(r"[^A-Za-z0-9_.~+-]", "-", run)[:120]
-    return f"{safe}-{hashlib.sha1(run.encode()).hexdigest()[:8]}"
 
 
 def _seconds(value: float) -> int:
@@ -123,7 +112,7 @@ class PubSubURL:
 class PubSubQueue:
     """`TaskQueue` over Pub/Sub topics and subscriptions plus a storage ledger."""
 
-    poll_seconds = 2.0                  # drivers: stats cost list calls, poll no faster
+    poll_seconds = 2.0                  # drivers: a poll costs a few storage calls
 
     def __init__(self, url: str, lease_seconds: float = 60.0, max_attempts: int = 3,
                  pull_timeout: float = 5.0, retention_seconds: int = MAX_RETENTION,
@@ -136,8 +125,7 @@ class PubSubQueue:
         self.retention_seconds = retention_seconds
         self.readonly = readonly
         self.clock = clock
-        from ..storage import Storage
-        self.ledger = Storage(self.where.ledger)
+        self.ledger = Ledger(self.where.ledger)
         self.lease_seconds = lease_seconds
         self.default_max_attempts = max_attempts
         self.pull_timeout = pull_timeout
@@ -145,7 +133,6 @@ class PubSubQueue:
         self._subscriber = None
         self._subs: tuple[float, list[str]] = (-1e9, [])   # (listed at, names)
         self._idle = True                                  # the last pull found nothing
-        self._runs: dict[str, dict] = {}
 
     # -- clients and names -----------------------------------------------------------------
     @property
@@ -178,99 +165,59 @@ class PubSubQueue:
     def _subscription(self, rid: str) -> str:
         return f"projects/{self.where.project}/subscriptions/{rid}"
 
-    @staticmethod
-    def _data(run: str) -> str:
-        return f"data/{run_token(run)}"
-
-    @staticmethod
-    def _state_key(run: str) -> str:
-        return f"state/{run_token(run)}.json"
-
-    def _stage_key(self, run: str, stage: str) -> str:
-        return f"{self._data(run)}/stages/{stage}.json"
-
-    @staticmethod
-    def _lease_key(kind: str, run: str, stage: str, index: int) -> str:
-        return f"leases/{kind}/{run_token(run)}/{stage}/{index}"
-
     # -- runs ------------------------------------------------------------------------------
     @writes
     def register_run(self, run: str, params: str, max_attempts: Optional[int] = None,
                      meta: Optional[dict] = None) -> None:
         now = self.clock()
-        record = {"run": run, "params": params, "created": now,
-                  "max_attempts": max_attempts or self.default_max_attempts}
-        self._write(f"runs/{run_token(run)}.json", record)
-        self._write(self._state_key(run), {"state": ACTIVE, "heartbeat": now,
-                                           "meta": meta or {}})
-        self._runs[run] = record
-
-    def _state(self, run: str) -> Optional[dict]:
-        """The run's state object; a run registered before there were any reads as active
-        since its registration."""
-        data = self.ledger.get(self._state_key(run))
-        if data is not None:
-            return json.loads(data)
-        record = self._run(run)
-        return record and {"state": ACTIVE, "heartbeat": record["created"], "meta": {}}
+        self.ledger.register(run, {"run": run, "params": params, "created": now,
+                                   "max_attempts": max_attempts or self.default_max_attempts},
+                             {"state": ACTIVE, "heartbeat": now, "meta": meta or {}})
 
     def _update_state(self, run: str, **values) -> None:
-        state = self._state(run)
+        state = self.ledger.state(run)
         if state is None:
             raise KeyError(f"run {run!r} is not registered in {self.url}")
-        self._write(self._state_key(run), {**state, **values})
+        self.ledger.write(self.ledger.state_key(run), {**state, **values})
 
     def run_state(self, run: str) -> Optional[RunState]:
-        state = self._state(run)
+        state = self.ledger.state(run)
         return RunState(state["state"], state["heartbeat"], state["meta"]) if state else None
 
     @writes
     def heartbeat(self, run: str) -> list[str]:
         """The driver is alive: the run is active again. Also moves what Pub/Sub's backstop
-        forwarded into the ledger's dead letters, and returns the stages whose open tasks
-        are about to reach retention (publish them again)."""
+        forwarded into the ledger's dead letters, compacts the done journal, and returns the
+        stages whose open tasks are about to reach retention (publish them again)."""
         self._update_state(run, state=ACTIVE, heartbeat=self.clock())
-        stages = self._stages(run)
+        stages = self.ledger.stages(run)
         self._drain_dead_letters(run, stages)
-        return self._expiring(run, stages)
+        done = {stage: self.ledger.compact(run, stage) for stage in stages}
+        return [stage for stage, record in stages.items()
+                if self._expiring(run, stage, record, done[stage])]
 
     @writes
     def end_run(self, run: str, state: str) -> None:
         self._update_state(run, state=check_end_state(state))
 
-    def _run(self, run: str) -> Optional[dict]:
-        if run not in self._runs:
-            data = self.ledger.get(f"runs/{run_token(run)}.json")
-            if data is None:
-                return None
-            self._runs[run] = json.loads(data)
-        return self._runs[run]
-
     def _attempt_limit(self, run: str) -> int:
-        record = self._run(run)
+        record = self.ledger.run(run)
         return record["max_attempts"] if record else self.default_max_attempts
 
     def run_params(self, run: str) -> str:
-        record = self._run(run)
+        record = self.ledger.run(run)
         if record is None:
             raise KeyError(f"run {run!r} is not registered in {self.url}")
         return record["params"]
 
     def runs(self) -> list[str]:
-        records = [json.loads(v) for v in self.ledger.get_many(
-            list(self.ledger.list("runs/"))).values() if v]
-        return [r["run"] for r in sorted(records, key=lambda r: r["created"])]
-
-    def _stages(self, run: str) -> dict[str, dict]:
-        prefix = f"{self._data(run)}/stages/"
-        found = self.ledger.get_many(list(self.ledger.list(prefix)))
-        return {k[len(prefix):-len(".json")]: json.loads(v) for k, v in found.items() if v}
+        return self.ledger.runs()
 
     @writes
     def finish(self, run: str) -> None:
         """Delete the run's topics and subscriptions (the ledger stays: status, resume)."""
         from google.api_core import exceptions
-        for stage, record in self._stages(run).items():
+        for stage, record in self.ledger.stages(run).items():
             rid = self.resource(run, stage, record["kind"])
             for name in (rid, rid + "-dead"):
                 for delete, path in ((self.subscriber.delete_subscription,
@@ -286,9 +233,9 @@ class PubSubQueue:
     @writes
     def forget_run(self, run: str) -> int:
         """Delete the run's topics, subscriptions and ledger records (not its parameters)."""
-        stages = self._stages(run)
+        stages = self.ledger.stages(run)
         self.finish(run)
-        n = self.ledger.delete_prefix(self._data(run) + "/")
+        n = self.ledger.delete_prefix(self.ledger.data(run) + "/")
         for kind in {r["kind"] for r in stages.values()}:
             self.ledger.delete_prefix(f"leases/{kind}/{run_token(run)}/")
         return n
@@ -334,40 +281,24 @@ class PubSubQueue:
             return False
         return True
 
-    def _indices(self, run: str, what: str, stage: str) -> Iterator[int]:
-        """Indices of the stage's "done" or "dead" markers, as listed."""
-        return (int(k.rsplit("/", 1)[1])
-                for k in self.ledger.list(f"{self._data(run)}/{what}/{stage}/"))
-
-    def _tally(self, run: str, stage: str) -> tuple[int, int]:
-        """The stage's done and dead counts; done wins over dead (a task with both markers
-        succeeded after it was given up). Only the few dead indices are held."""
-        dead = set(self._indices(run, "dead", stage))
-        done = superseded = 0
-        for index in self._indices(run, "done", stage):
-            done += 1
-            superseded += index in dead
-        return done, len(dead) - superseded
-
     def _stale(self, record: dict) -> bool:
         """Whether the stage's messages may soon reach retention (a record from before
         `queued_at` was kept may be as old as any)."""
         limit = self.retention_seconds - republish_margin(self.retention_seconds)
         return record.get("queued_at", 0.0) < self.clock() - limit
 
-    def _expiring(self, run: str, stages: dict[str, dict]) -> list[str]:
-        """Stale stages that still have open tasks. A stale stage with none gets a fresh
-        `queued_at` (nothing of it can be lost now), so it is not counted every heartbeat
-        (messages a later retry_dead sends are younger still)."""
-        out = []
-        for stage, record in stages.items():
-            if not self._stale(record):
-                continue
-            if sum(self._tally(run, stage)) < Ranges(record["tasks"]).total:
-                out.append(stage)
-            else:
-                self._write(self._stage_key(run, stage), {**record, "queued_at": self.clock()})
-        return out
+    def _expiring(self, run: str, stage: str, record: dict, done: Bitmap) -> bool:
+        """Whether the stage is stale and still has open tasks. A stale stage with none gets
+        a fresh `queued_at` (nothing of it can be lost now), so it is not counted every
+        heartbeat (messages a later retry_dead sends are younger still)."""
+        if not self._stale(record):
+            return False
+        finished = len(done) + len(self.ledger.dead_only(run, stage, done))
+        if finished < Ranges(record["tasks"]).total:
+            return True
+        self.ledger.write(self.ledger.stage_key(run, stage),
+                          {**record, "queued_at": self.clock()})
+        return False
 
     @writes
     def publish(self, run: str, stage: str, kind: str,
@@ -378,24 +309,25 @@ class PubSubQueue:
         (index ranges, not indices; when its queued messages were published) is saved every
         `batch` messages once they are confirmed, so a crash re-sends at most a batch."""
         existed = self._ensure(run, stage, kind)
-        record_key = self._stage_key(run, stage)
-        old = self._read(record_key)
+        record_key = self.ledger.stage_key(run, stage)
+        old = self.ledger.read(record_key)
         tasks = Ranges(old.get("tasks", []))
         kept = existed and not self._stale(old)
         queued = Ranges(old["queued"] if kept else [])
         queued_at = old["queued_at"] if kept else self.clock()
-        finished = {i for what in ("done", "dead") for i in self._indices(run, what, stage)}
+        done = self.ledger.done(run, stage)                # a bitmap: stage size / 8 bytes
+        dead = set(self.ledger.dead_only(run, stage, done))
         topic = self._topic(self.resource(run, stage, kind))
         sent = _Outstanding()
 
         def save() -> None:
             sent.wait()
-            self._write(record_key, {"kind": kind, "tasks": tasks.ranges,
-                                     "queued": queued.ranges, "queued_at": queued_at})
+            self.ledger.write(record_key, {"kind": kind, "tasks": tasks.ranges,
+                                           "queued": queued.ranges, "queued_at": queued_at})
 
         for index, body in messages:
             tasks.add(index)
-            if index in queued or index in finished:
+            if index in queued or index in done or index in dead:
                 continue
             sent.add(self.publisher.publish(topic, body.encode(), run=run, stage=stage,
                                             kind=kind, index=str(index)))
@@ -460,8 +392,8 @@ class PubSubQueue:
             self.subscriber.acknowledge(request={"subscription": sub,
                                                  "ack_ids": [received.ack_id]})
             return None                              # not a voxflow task: nothing to attribute
-        base = self._data(run)
-        done_key, state_key = f"{base}/done/{stage}/{index}", f"{base}/tasks/{stage}/{index}"
+        done_key = self.ledger.prefix(run, "done", stage) + str(index)
+        state_key = self.ledger.prefix(run, "tasks", stage) + str(index)
         found = self.ledger.get_many([done_key, state_key])
         ack_id = received.ack_id
         if found[done_key] is not None:              # a redelivery of a finished task
@@ -476,13 +408,13 @@ class PubSubQueue:
             error = f"lease expired {lost} times: the worker was lost each time"
             if state.get("error"):
                 error += f"; last error: {state['error']}"
-            self._dead(run, stage, index, attempt - 1, error, body)
+            self.ledger.dead(run, stage, index, attempt - 1, error, body)
             self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [ack_id]})
             return None
         if seconds != self._sub_deadline():
             self.subscriber.modify_ack_deadline(request={
                 "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds})
-        self._write(self._lease_key(kind, run, stage, index), {
+        self.ledger.write(self.ledger.lease_key(kind, run, stage, index), {
             "token": _lease_token(ack_id), "worker": worker, "run": run, "stage": stage,
             "expires": self.clock() + seconds})
         return Lease(run, stage, index, body, attempt, f"{kind} {ack_id}")
@@ -491,29 +423,17 @@ class PubSubQueue:
         """The subscription's own ack deadline (Pub/Sub's minimum is 10 s)."""
         return max(10, _seconds(self.lease_seconds))
 
-    def _read(self, key: str) -> dict:
-        """A JSON ledger record; {} when missing."""
-        return json.loads(self.ledger.get(key) or b"{}")
-
-    def _write(self, key: str, record: dict) -> None:
-        self.ledger.put(key, json.dumps(record).encode())
-
-    def _dead(self, run: str, stage: str, index: int, attempts: int, error: str,
-              body: str) -> None:
-        self._write(f"{self._data(run)}/dead/{stage}/{index}",
-                    {"attempts": attempts, "error": error, "body": body})
-
     def _handle(self, lease: Lease) -> tuple[str, str, str]:
         """The lease's subscription, ack id and lease-record key (its token is
         "KIND ACK_ID")."""
         kind, ack_id = lease.token.split(" ", 1)
         return (self._subscription(self.resource(lease.run, lease.stage, kind)), ack_id,
-                self._lease_key(kind, lease.run, lease.stage, lease.index))
+                self.ledger.lease_key(kind, lease.run, lease.stage, lease.index))
 
     def _holder(self, lease: Lease) -> tuple[str, Optional[dict]]:
         """The lease record's key and content, if this lease still holds the task."""
         _, ack_id, key = self._handle(lease)
-        record = self._read(key)
+        record = self.ledger.read(key)
         return key, record if record.get("token") == _lease_token(ack_id) else None
 
     @writes
@@ -527,7 +447,7 @@ class PubSubQueue:
         self.subscriber.modify_ack_deadline(request={
             "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": seconds_})
         record["expires"] = self.clock() + seconds_
-        self._write(key, record)
+        self.ledger.write(key, record)
         return True
 
     @writes
@@ -538,8 +458,7 @@ class PubSubQueue:
     @writes
     def ack_many(self, leases: Iterable[Lease]) -> None:
         leases = list(leases)
-        self.ledger.put_many({f"{self._data(l.run)}/done/{l.stage}/{l.index}": b""
-                              for l in leases}.items())       # a task named twice: once
+        self.ledger.mark_done((l.run, l.stage, l.index) for l in leases)
         by_sub: dict[str, list[str]] = {}
         for lease in leases:
             key, record = self._holder(lease)
@@ -554,12 +473,12 @@ class PubSubQueue:
         key, record = self._holder(lease)
         if record is None:
             return                                   # lease lost: someone else has it
-        base = self._data(lease.run)
-        state_key = f"{base}/tasks/{lease.stage}/{lease.index}"
-        state = self._read(state_key)
+        state_key = self.ledger.prefix(lease.run, "tasks", lease.stage) + str(lease.index)
+        state = self.ledger.read(state_key)
         sub, ack_id, _ = self._handle(lease)
         if error is not None and lease.attempt >= self._attempt_limit(lease.run):
-            self._dead(lease.run, lease.stage, lease.index, lease.attempt, error, lease.body)
+            self.ledger.dead(lease.run, lease.stage, lease.index, lease.attempt, error,
+                             lease.body)
             self.ledger.delete([key])
             self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [ack_id]})
             return
@@ -568,7 +487,7 @@ class PubSubQueue:
         else:
             state["failed"] = state.get("failed", 0) + 1
             state["error"] = error
-        self._write(state_key, state)                # before anyone can pull it
+        self.ledger.write(state_key, state)          # before anyone can pull it
         self.ledger.delete([key])
         self.subscriber.modify_ack_deadline(request={
             "subscription": sub, "ack_ids": [ack_id], "ack_deadline_seconds": 0})
@@ -584,16 +503,6 @@ class PubSubQueue:
         self._settle(lease, None)
 
     # -- inspection ------------------------------------------------------------------------
-    def _leases(self, kinds: Iterable[str], run: Optional[str] = None) -> Iterator[dict]:
-        now = self.clock()
-        for kind in kinds:
-            prefix = f"leases/{kind}/" + (f"{run_token(run)}/" if run else "")
-            for data in self.ledger.get_many(list(self.ledger.list(prefix))).values():
-                if data:
-                    record = json.loads(data)
-                    if record["expires"] >= now:
-                        yield record
-
     def _drain_dead_letters(self, run: str, stages: dict[str, dict]) -> None:
         """Move what Pub/Sub's dead-letter policy forwarded into the ledger (the
         heartbeat's job: reads change nothing)."""
@@ -613,73 +522,51 @@ class PubSubQueue:
                 continue
             for received in response.received_messages:
                 attrs = received.message.attributes
-                self._dead(run, stage, int(attrs["index"]), dead_letter_attempts(
+                self.ledger.dead(run, stage, int(attrs["index"]), dead_letter_attempts(
                     self._attempt_limit(run)), "Pub/Sub forwarded it to the dead-letter topic "
                     "(too many deliveries)", received.message.data.decode())
             self.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [
                 r.ack_id for r in response.received_messages]})
 
     def stats(self, run: str) -> dict[str, StageStats]:
-        stages = self._stages(run)
-        leased = Counter(r["stage"] for r in self._leases({r["kind"] for r in stages.values()},
-                                                           run))
+        """Per stage: the done bitmap and journal, the dead markers (few), the leases (as
+        many as workers): a bounded number of storage calls whatever the task count."""
+        stages = self.ledger.stages(run)
+        leased = Counter(r["stage"] for r in self.ledger.leases(
+            {r["kind"] for r in stages.values()}, run, self.clock()))
         out = {}
         for stage, record in stages.items():
-            done, dead = self._tally(run, stage)
+            finished = self.ledger.done(run, stage)
+            done, dead = len(finished), len(self.ledger.dead_only(run, stage, finished))
             total = Ranges(record["tasks"]).total
             held = min(leased[stage], total - done - dead)
             out[stage] = StageStats(max(total - done - dead - held, 0), max(held, 0), done, dead)
         return out
 
-    def _dead_markers(self, run: str) -> Iterator[tuple[str, bool]]:
-        """The run's dead-marker keys in (stage, index) order, each with whether its task
-        has a done marker too (done wins over dead). Done markers are read a chunk at a
-        time, so a caller that stops early reads few."""
-        base = self._data(run)
-        prefix = f"{base}/dead/"
-        keys = sorted(self.ledger.list(prefix),
-                      key=lambda k: (k[len(prefix):].split("/")[0], int(k.rsplit("/", 1)[1])))
-        for start in range(0, len(keys), 100):
-            pairs = [(k, f"{base}/done/{k[len(prefix):]}") for k in keys[start:start + 100]]
-            done = self.ledger.get_many(d for _, d in pairs)
-            yield from ((k, done[d] is not None) for k, d in pairs)
-
     def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]:
-        prefix = f"{self._data(run)}/dead/"
-        keys = list(itertools.islice((k for k, done in self._dead_markers(run) if not done),
-                                     limit))
-        found = self.ledger.get_many(keys)
-        out = []
-        for key in keys:
-            record = json.loads(found[key])
-            stage, index = key[len(prefix):].split("/")
-            out.append(DeadLetter(run, stage, int(index), record["attempts"], record["error"]))
-        return out
+        return [DeadLetter(run, stage, index, record["attempts"], record["error"])
+                for _, stage, index, record in self.ledger.dead_letters(run, limit)]
 
     @writes
     def retry_dead(self, run: str) -> int:
         """Publish every dead task again with a fresh set of attempts (a dead task that was
         done after all just loses its dead marker)."""
-        stages = self._stages(run)
-        prefix = f"{self._data(run)}/dead/"
-        markers = list(self._dead_markers(run))
-        self.ledger.delete(k for k, done in markers if done)
-        keys = [k for k, done in markers if not done]
-        found = self.ledger.get_many(keys)
-        for key in keys:
-            stage, index = key[len(prefix):].split("/")
+        stages = self.ledger.stages(run)
+        self.ledger.delete(k for k, done in self.ledger.dead_markers(run) if done)
+        letters = self.ledger.dead_letters(run)
+        for key, stage, index, record in letters:
             kind = stages[stage]["kind"]
             self._ensure(run, stage, kind)
-            self.ledger.delete([f"{self._data(run)}/tasks/{stage}/{index}", key])
+            self.ledger.delete([self.ledger.prefix(run, "tasks", stage) + str(index), key])
             self.publisher.publish(self._topic(self.resource(run, stage, kind)),
-                                   json.loads(found[key])["body"].encode(), run=run,
-                                   stage=stage, kind=kind, index=index).result()
-        return len(keys)
+                                   record["body"].encode(), run=run, stage=stage, kind=kind,
+                                   index=str(index)).result()
+        return len(letters)
 
     def busy_workers(self, kind: Optional[str] = None) -> set[str]:
         """Workers holding an unexpired lease (of `kind`), from the ledger's lease records."""
         kinds = [kind] if kind else {k.split("/")[1] for k in self.ledger.list("leases/")}
-        return {r["worker"] for r in self._leases(kinds)}
+        return {r["worker"] for r in self.ledger.leases(kinds, None, self.clock())}
 
     def close(self) -> None:
         if self._subscriber is not None:
@@ -695,39 +582,6 @@ def _run_marks(runs: Iterable[str]) -> tuple[str, ...]:
 
 def _lease_token(ack_id: str) -> str:
     return hashlib.sha1(ack_id.encode()).hexdigest()[:16]
-
-
-class Ranges:
-    """A set of task indices as sorted, disjoint [start, stop) ranges: a stage's grid is
-    one range, however many tasks it has."""
-
-    def __init__(self, ranges: list[list[int]]):
-        self.ranges = [list(r) for r in ranges]
-
-    def _find(self, index: int) -> int:
-        """Position of the first range whose stop is > index."""
-        return bisect.bisect_right(self.ranges, index, key=lambda r: r[1])
-
-    def __contains__(self, index: int) -> bool:
-        i = self._find(index)
-        return i < len(self.ranges) and self.ranges[i][0] <= index
-
-    def add(self, index: int) -> None:
-        if self.ranges and self.ranges[-1][1] == index:          # the common case: in order
-            self.ranges[-1][1] += 1
-            return
-        if index in self:
-            return
-        i = self._find(index)
-        self.ranges.insert(i, [index, index + 1])
-        if i + 1 < len(self.ranges) and self.ranges[i + 1][0] == index + 1:
-            self.ranges[i][1] = self.ranges.pop(i + 1)[1]
-        if i > 0 and self.ranges[i - 1][1] == index:
-            self.ranges[i - 1][1] = self.ranges.pop(i)[1]
-
-    @property
-    def total(self) -> int:
-        return sum(stop - start for start, stop in self.ranges)
 
 
 class _Outstanding:
