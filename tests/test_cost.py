@@ -102,16 +102,19 @@ def test_plan_counts_exactly_the_objects_a_run_writes_and_reads(tmp_path, monkey
 
 
 @pytest.mark.parametrize("blend", ["overlap", "crop"])
-def test_sharded_object_counts_are_exact_too(tmp_path, blend):
+def test_sharded_object_counts_are_exact_too(tmp_path, monkeypatch, blend):
     """Sharded: one object per shard at every mip (shards a bbox cuts included), one pack per
-    overlap task; packs are read twice per (shard, task) that meet."""
+    overlap task; packs are read twice per (shard, task) that meet; a downsample task reads
+    each source shard with one GET."""
     _layer(tmp_path)
     bbox = ([9, 10, 4], [97, 83, 24]) if blend == "overlap" else None
     path = _config(tmp_path, "out", blend, bbox, downsample={"mips": 2}, sharding="on",
                    shard_bytes=16 * 16 * 4 * 8 * 8)
     p = plan(load_config(path))
     planned = cost.bill(p)
+    reads = ReadLog(monkeypatch)
     assert main(["run", str(path), "--quiet"]) == 0
+    assert reads.under(f"file://{tmp_path}/out") == planned["objects_read"]["output"] > 0
     out = Volume(f"file://{tmp_path}/out")
     written = [_files(tmp_path / "out" / s["key"]) for s in out.info["scales"]]
     assert written == planned["objects_written"]["output"] and min(written) >= 1

@@ -187,15 +187,25 @@ def input_reads(p: Plan, input_chunk) -> int:
         max(a, lo[x]), min(b, hi[x]), o[x], input_chunk[x]))
 
 
+def _read_unit(p: Plan, ps) -> list[int]:
+    """What one read of a downsample task's source fetches: a shard when the tasks cover
+    whole source shards (`Volume` then GETs each shard once), else a storage chunk."""
+    if p.shard_shapes is not None and not any(
+            t % s for t, s in zip(ps.grid.chunk, p.shard_shapes[ps.source_mip])):
+        return list(p.shard_shapes[ps.source_mip])
+    return list(p.config.storage_chunk)
+
+
 def output_reads(p: Plan) -> int:
-    """Output objects read: the downsample tasks' sources, and the chunks a mip-0 write
+    """Output objects read: the downsample tasks' sources (whole shards, or chunks), and the
+    chunks a mip-0 write
     covers only in part (cloud-volume reads them, paints and rewrites them: only where the
     bbox is not on the storage-chunk grid). A write is aligned when it starts and stops on
     the grid (stopping at the layer's end counts); otherwise the chunks it meets but does not
     cover by cloud-volume's rule (the layer's end is no grid line there) are read."""
     size, bounds = p.config.storage_chunk, p.input_bounds
     reads = sum(chunks_in(ps.grid.bbox, mip_bounds(bounds, p.config.downsample.factor,
-                                                   ps.source_mip).start, size)
+                                                   ps.source_mip).start, _read_unit(p, ps))
                 for ps in p.downsample)
     if p.shard_shapes is not None:       # shards the bbox cuts are read, merged, rewritten
         size = p.shard_shapes[0]
