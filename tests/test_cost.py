@@ -149,13 +149,36 @@ def test_run_summary_shows_what_was_spent_beside_the_estimate(tmp_path, capsys):
             f"{planned['temporary']:,} (plan {planned['temporary']:,})") in text, text
 
 
-def test_a_group_voxflow_does_not_run_is_not_measured(tmp_path):
+def test_a_group_voxflow_does_not_run_is_measured_from_its_workers_reports(tmp_path):
+    """external:// (as gce://) workers run elsewhere: no logs here, but each reports its
+    session to the queue, and the summary prices those. Before any report: not measured."""
     _layer(tmp_path)
-    cfg = load_config(_config(tmp_path, "out", "crop"))
-    cfg.workers.inference.group = "external://"
+    path = _config(tmp_path, "out", "crop", queue={"url": f"sqlite://{tmp_path}/q.db"},
+                   workers={"inference": "external://", "blend": "local://0",
+                            "downsample": "local://0"})
+    cfg = load_config(path)
     s = cost.spent(cfg, "no-such-run", tmp_path / "no-logs")
     assert s["workers"]["inference"]["measured"] is False
-    assert "downsample" not in s["workers"]          # no logs: nothing measured, no figure
+    from voxflow.runner import default_run_id
+    run_id = default_run_id(cfg)
+    workers = [subprocess.Popen([sys.executable, "-m", "voxflow", "worker", cfg.queue.url,
+                                 "--kind", "inference", "--run", run_id, "--worker-id",
+                                 f"elsewhere-{n}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for n in range(2)]
+    try:
+        t0 = time.time()
+        assert main(["run", str(path), "--quiet"]) == 0    # ends the run: the workers exit
+        for w in workers:
+            w.wait(timeout=60)
+        took = time.time() - t0
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    inference = cost.spent(cfg, run_id, tmp_path / "no-logs")["workers"]["inference"]
+    assert inference["measured"] and inference["workers"] == 2
+    assert 0 < inference["busy_hours"] <= inference["hours"] < 2 * took / 3600
+    assert "session reports" in inference["note"]
 
 
 # -- a petavoxel -------------------------------------------------------------------------

@@ -597,3 +597,17 @@ def test_pubsub_stats_cost_a_few_storage_calls_whatever_the_task_count(pubsub_ur
     assert q.stats("run-a") == {"inference": StageStats(0, 0, n, 0)}
     assert calls.count <= 8, calls.count  # 7: stages, record, leases, journal, compact + GET, dead
     q.close()
+
+
+def test_worker_sessions_are_recorded_per_run(queue):
+    """What a run's summary prices for workers on other machines (gce VMs, external)."""
+    a = {"worker": "vm-1", "kind": "inference", "started": 10.0, "stopped": 20.0,
+         "booted": 5.0, "busy_seconds": 7.5}
+    queue.record_session("run-a", {**a, "stopped": 15.0})
+    queue.record_session("run-a", a)                       # re-reported: replaces
+    queue.record_session("run-a", {**a, "worker": "vm-2", "started": 8.0})
+    queue.register_run("run-b", "{}")
+    queue.record_session("run-b", {**a, "worker": "vm-3"})
+    assert queue.sessions("run-a") == [{**a, "worker": "vm-2", "started": 8.0}, a]
+    assert [s["worker"] for s in queue.sessions("run-b")] == ["vm-3"]
+    assert queue.sessions("run-c") == []

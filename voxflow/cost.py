@@ -393,19 +393,55 @@ def _count_files(url: str) -> Optional[int]:
     return sum(len(files) for _, _, files in os.walk(url[len("file://"):]))
 
 
+def _reported_sessions(config: RunConfig, run: str) -> list[dict]:
+    """The sessions workers reported to the run's queue (`Worker`), read-only."""
+    from .queues import open_queue
+    try:
+        queue = open_queue(config.queue.url, readonly=True)
+    except FileNotFoundError:
+        return []
+    try:
+        return queue.sessions(run)
+    finally:
+        queue.close()
+
+
+def _remote_hours(config: RunConfig, kind: str, group: str, reported: list[dict]) -> dict:
+    """Worker-hours of a group voxflow cannot watch, from its workers' own reports: per
+    worker (a VM's name on gce) from the first session's start — its machine's boot on gce,
+    which is what a VM is billed from — to the last session's stop."""
+    mine = [r for r in reported if r["kind"] in (kind, "all") or kind in r["kind"].split("+")]
+    if not mine:
+        return {"measured": False, "note": f"{group}: no worker reported a session"}
+    by_worker: dict[str, list[dict]] = {}
+    for r in mine:
+        by_worker.setdefault(r["worker"], []).append(r)
+    start = "booted" if group.startswith("gce://") else "started"
+    seconds = sum(max(r["stopped"] for r in rs) - min(r[start] for r in rs)
+                  for rs in by_worker.values())
+    return {"measured": True, "hours": seconds / 3600,
+            "busy_hours": sum(r["busy_seconds"] for r in mine) / 3600,
+            "workers": len(by_worker), "dollars": seconds / 3600 * hourly_price(config, kind),
+            "note": f"{group}: from the workers' session reports"
+                    + (" (each VM from its boot)" if start == "booted" else "")}
+
+
 def spent(config: RunConfig, run: str, log_dir: Optional[Path] = None) -> dict:
     """What run `run` used, where it can be measured: worker-hours of local groups from the
-    workers' JSON logs (gce and external groups: not measured — their logs live on the VMs),
+    workers' JSON logs, of gce and external groups from the sessions their workers report to
+    the queue (a gce VM from its boot),
     and the objects a file:// output and temporary folder hold (count before the temporary
     data is deleted). Dollars price the measured hours as `bill` does."""
     from .volume import Volume
     sessions = worker_sessions(log_dir or voxflow_home() / "logs" / run)
     workers = {}
+    reported: Optional[list[dict]] = None
     for kind in ("inference", "blend", "downsample"):
         group = getattr(config.workers, kind).group
         if not group.startswith("local://"):
-            workers[kind] = {"measured": False,
-                             "note": f"{group}: worker logs are on the workers' machines"}
+            if reported is None:
+                reported = _reported_sessions(config, run)
+            workers[kind] = _remote_hours(config, kind, group, reported)
         elif kind in sessions:
             s = sessions[kind]
             workers[kind] = {"measured": True, "hours": s["seconds"] / 3600,

@@ -25,6 +25,7 @@ from .messages import MalformedMessage, TaskMessage, decode
 from .queues import Lease, TaskQueue
 
 StageFactory = Callable[[str, str], object]   # (run, stage) -> Stage
+SESSION_SECONDS = 60.0                        # how often a working worker re-reports its session
 
 
 class JsonLog:
@@ -101,6 +102,7 @@ class Worker:
         self.kinds = list(kinds) if kinds else None
         self.runs = list(runs) if runs else None
         self.watch = RunWatch(queue)
+        self._served: dict[str, float] = {}              # run -> seconds of compute
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.lease_seconds = lease_seconds or getattr(queue, "lease_seconds", 60.0)
         self.prefetch = prefetch
@@ -197,6 +199,7 @@ class Worker:
     # -- the loop --------------------------------------------------------------------------
     def run(self, exit_when_idle: Optional[float] = None) -> int:
         """Work until `stop` is set, or until idle for `exit_when_idle` seconds."""
+        started = last_report = time.time()
         self.log("worker_started", kinds=self.kinds)
         nxt: Optional[_Job] = None
         idle_since: Optional[float] = None
@@ -204,6 +207,9 @@ class Worker:
         extend_every = self.lease_seconds / 3
         last_extend = time.monotonic()
         while not self.stop.is_set():
+            if time.time() - last_report >= SESSION_SECONDS:   # a summary taken meanwhile
+                self._record_sessions(started)                 # sees this worker's time
+                last_report = time.time()
             if self.runs_ended():
                 self.log("runs_ended", runs=self.runs)
                 break
@@ -251,10 +257,30 @@ class Worker:
             self.queue.ack(lease)                 # only now: the task's writes are complete
             self._drop(lease)
             self.done += 1
+            self._served[lease.run] = self._served.get(lease.run, 0.0) + seconds
             self.log("task_done", seconds=round(seconds, 3), **fields)
         released = self.release_all()
+        self._record_sessions(started)
         self.log("worker_stopped", done=self.done, released=released)
         return self.done
+
+    def _record_sessions(self, started: float) -> None:
+        """Report this session to the queue for each run it served (or was started for):
+        how a run learns the worker-hours of machines it cannot see (a gce VM's lifetime
+        runs from its boot)."""
+        stopped = time.time()
+        try:
+            booted = stopped - float(open("/proc/uptime").read().split()[0])
+        except (OSError, ValueError, IndexError):
+            booted = started
+        for run in set(self.runs or ()) | set(self._served):
+            session = {"worker": self.id, "kind": "+".join(self.kinds or ["all"]),
+                       "started": started, "stopped": stopped, "booted": booted,
+                       "busy_seconds": round(self._served.get(run, 0.0), 3)}
+            try:
+                self.queue.record_session(run, session)
+            except Exception as exc:              # the queue is gone: the tasks are safe
+                self.log("session_not_recorded", "warning", run=run, error=_short_error(exc))
 
     def shutdown(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)

@@ -143,6 +143,14 @@ class TaskQueue(Protocol):
 
     def run_params(self, run: str) -> str: ...
 
+    def record_session(self, run: str, session: dict) -> None:
+        """A worker's own report of how long it served the run (`Worker`): worker id, kind,
+        started, stopped and its machine's boot time — what a run's summary prices for
+        groups whose workers run on other machines (gce, external)."""
+
+    def sessions(self, run: str) -> list[dict]:
+        """Every session recorded for the run."""
+
     def runs(self) -> list[str]:
         """Registered runs, oldest first."""
 

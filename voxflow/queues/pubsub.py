@@ -204,6 +204,15 @@ class PubSubQueue:
         record = self.ledger.run(run)
         return record["max_attempts"] if record else self.default_max_attempts
 
+    @writes
+    def record_session(self, run: str, session: dict) -> None:
+        self.ledger.write(f"{self.ledger.data(run)}/sessions/{session['worker']}-"
+                          f"{session['started']:.3f}.json", session)
+
+    def sessions(self, run: str) -> list[dict]:
+        records = self.ledger.records(f"{self.ledger.data(run)}/sessions/")
+        return sorted(records.values(), key=lambda r: r["started"])
+
     def run_params(self, run: str) -> str:
         record = self.ledger.run(run)
         if record is None:

@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS counts (
   pending INTEGER NOT NULL DEFAULT 0, leased INTEGER NOT NULL DEFAULT 0,
   done INTEGER NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (run, stage)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+  run TEXT NOT NULL, worker TEXT NOT NULL, started REAL NOT NULL, record TEXT NOT NULL,
+  PRIMARY KEY (run, worker, started)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
   run TEXT PRIMARY KEY, params TEXT NOT NULL, max_attempts INTEGER NOT NULL,
   created REAL NOT NULL) WITHOUT ROWID;
@@ -193,6 +196,21 @@ class SQLiteQueue:
             row = self._db.execute(f"SELECT {self._run_state_columns} FROM runs WHERE run = ?",
                                    (run,)).fetchone()
         return RunState(row[0], row[1], json.loads(row[2])) if row else None
+
+    @writes
+    def record_session(self, run: str, session: dict) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                       (run, session["worker"], session["started"], json.dumps(session)))
+
+    def sessions(self, run: str) -> list[dict]:
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT record FROM sessions WHERE run = ? ORDER BY "
+                                        "started", (run,)).fetchall()
+            except sqlite3.OperationalError:        # a read-only file from before sessions
+                return []
+        return [json.loads(r[0]) for r in rows]
 
     def run_params(self, run: str) -> str:
         with self._lock:
