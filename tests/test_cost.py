@@ -175,6 +175,7 @@ def test_a_group_voxflow_does_not_run_is_measured_from_its_workers_reports(tmp_p
         for w in workers:
             if w.poll() is None:
                 w.kill()
+                w.wait(timeout=30)
     inference = cost.spent(cfg, run_id, tmp_path / "no-logs")["workers"]["inference"]
     assert inference["measured"] and inference["workers"] == 2
     assert 0 < inference["busy_hours"] <= inference["hours"] < 2 * took / 3600

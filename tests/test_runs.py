@@ -176,10 +176,13 @@ def _slow_run(tmp_path, timeout, batch_size=1):
     return q, run_id
 
 
-def _worker_process(queue_url, run_id, wid):
-    return subprocess.Popen([sys.executable, "-m", "voxflow", "worker", queue_url, "--kind",
-                             "inference", "--worker-id", wid, "--run", run_id],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _worker_process(queue_url, run_id, wid, log):
+    """A worker process logging to a file (a pipe nobody reads until it exits would fill
+    and stall it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "voxflow", "worker", queue_url,
+                                 "--kind", "inference", "--worker-id", wid, "--run", run_id],
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def _wait_exit(proc, seconds):
@@ -191,11 +194,12 @@ def _wait_exit(proc, seconds):
 @pytest.mark.parametrize("how", ["cancelled", "driver_gone"])
 def test_workers_give_a_run_up_when_it_ends(tmp_path, layer, how):
     q, run_id = _slow_run(tmp_path, timeout=4.0)
-    worker = _worker_process(q.url, run_id, "w1")
+    log = tmp_path / "w1.log"
+    worker = _worker_process(q.url, run_id, "w1", log)
     try:
         deadline = time.monotonic() + 60
         while q.stats(run_id)["inference"].done < 2:     # it works while the driver beats
-            assert time.monotonic() < deadline, worker.stdout.read()
+            assert time.monotonic() < deadline, log.read_text()
             q.heartbeat(run_id)
             time.sleep(0.2)
         if how == "cancelled":
@@ -207,17 +211,17 @@ def test_workers_give_a_run_up_when_it_ends(tmp_path, layer, how):
     finally:
         if worker.poll() is None:
             worker.kill()
+            worker.wait(timeout=30)
     assert worker.returncode == 0
     s = q.stats(run_id)["inference"]
     assert s.leased == 0 and s.pending > 0 and s.dead == 0   # given back, not lost
-    log = worker.stdout.read()
-    assert '"event": "runs_ended"' in log
+    assert '"event": "runs_ended"' in log.read_text()
 
 
 def test_a_worker_keeps_a_run_whose_driver_beats(tmp_path, layer):
     """The run lasts many driver timeouts: beating, it is never given up."""
     q, run_id = _slow_run(tmp_path, timeout=2.0, batch_size=8)
-    worker = _worker_process(q.url, run_id, "w2")
+    worker = _worker_process(q.url, run_id, "w2", tmp_path / "w2.log")
     try:
         deadline = time.monotonic() + 120
         while q.stats(run_id)["inference"].open:
@@ -225,8 +229,8 @@ def test_a_worker_keeps_a_run_whose_driver_beats(tmp_path, layer):
             q.heartbeat(run_id)
             time.sleep(0.5)
     finally:
-        worker.terminate()
-        worker.wait(timeout=10)
+        worker.kill()                  # never leave it to the next test (worker_pids sees it)
+        worker.wait(timeout=30)
     assert q.stats(run_id)["inference"].done == 32
 
 
