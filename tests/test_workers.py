@@ -255,3 +255,26 @@ def test_worker_prefetches_one_task_ahead(tmp_path, prefetch):
         assert stage.most_in_memory <= 2                    # current + one ahead, no more
     else:
         assert elapsed >= serial * 0.95 and stage.most_in_memory == 1
+
+
+def test_a_stop_signal_is_safe_while_the_main_thread_holds_the_stop_events_lock():
+    """The handler runs in the main thread between bytecodes — possibly inside `stop.wait`,
+    holding the event's lock. It must not take that lock: here the lock is held while the
+    handler runs, and the handler returns at once and the event is set once it is let go
+    (the old handler, `stop.set()`, hung forever right there)."""
+    import threading
+    from voxflow.worker import stop_on_signals
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGUSR1)
+    stop_on_signals(stop, signals=(signal.SIGUSR1,))
+    try:
+        handler = signal.getsignal(signal.SIGUSR1)
+        returned = threading.Event()
+        with stop._cond:                                  # as inside Event.wait
+            runner = threading.Thread(target=lambda: (handler(signal.SIGUSR1, None),
+                                                      returned.set()), daemon=True)
+            runner.start()
+            assert returned.wait(5), "the signal handler blocked on the event's lock"
+        assert stop.wait(5)
+    finally:
+        signal.signal(signal.SIGUSR1, before)

@@ -222,11 +222,10 @@ def _validate(paths: Sequence[str]) -> int:
 def _worker(args) -> int:
     """A worker process: SIGTERM/SIGINT release the held leases and exit within a second."""
     import os
-    import signal
 
     from .queues import open_queue
     from .stages import StageCache
-    from .worker import Worker
+    from .worker import Worker, stop_on_signals
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -235,9 +234,7 @@ def _worker(args) -> int:
     kinds = sorted({stage_kind(k) for k in args.kinds}) if args.kinds else None
     worker = Worker(queue, StageCache(queue), kinds, args.worker_id, args.lease_seconds,
                     prefetch=not args.no_prefetch, runs=args.runs)
-    stop = lambda signum, frame: worker.stop.set()  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(worker.stop)
     worker.run(args.exit_when_idle)
     code = 0
     if args.leave_group and worker.runs_ended():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -55,6 +56,27 @@ class _Job:
 def _short_error(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return text[:2000]
+
+
+def stop_on_signals(stop: threading.Event,
+                    signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Make SIGTERM and SIGINT set `stop` — from a thread, never from the handler: Python runs
+    a handler in the main thread between two bytecodes, possibly while that thread holds the
+    event's own lock (inside `stop.wait`), and `Event.set` there waits for it forever (seen:
+    a worker that never exited on SIGTERM, its leases never released). The handler only
+    writes a byte to a pipe, which takes no lock."""
+    read, write = os.pipe()
+
+    def handler(signum, frame) -> None:
+        os.write(write, b"\0")
+
+    def watch() -> None:
+        os.read(read, 1)
+        stop.set()
+
+    threading.Thread(target=watch, name="voxflow-signals", daemon=True).start()
+    for sig in signals:
+        signal.signal(sig, handler)
 
 
 class RunWatch:
