@@ -7,14 +7,17 @@
 #
 # No CUDA base image is needed: the torch wheel brings the CUDA user-space libraries (cuBLAS,
 # cuDNN, NCCL, ...) as nvidia-* wheels; the host's NVIDIA driver (libcuda) is mounted in by
-# the NVIDIA Container Toolkit (`--gpus`). torch==2.13.0 from PyPI is the CUDA 13.0 build,
-# which needs a host driver >= 580. For an older driver, build against a PyTorch index of an
-# older CUDA, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
-# (check that index carries torch 2.13.0 first).
+# the NVIDIA Container Toolkit (`--gpus`), so the torch build must suit the host's driver.
+# The default is PyTorch's CUDA 12.6 build of torch (needs driver >= 560), which runs on the
+# GCE backend's default GPU boot image (driver 570; voxflow/groups/gce.py: GPU_BOOT_IMAGE,
+# CUDA_MIN_DRIVER; tests/test_docker.py checks the pair). torch 2.13.0 has no CUDA 12.8 build.
+# Its PyPI wheel is the CUDA 13.0 build: driver >= 580, and the one with Blackwell kernels; on
+# a boot image with such a driver, build with
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 (or https://pypi.org/simple).
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -1,4 +1,5 @@
 """Runs survive workers vanishing at any moment, and resume after the whole run is killed."""
+import contextlib
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ from voxflow.cli import main
 from voxflow.queues import open_queue
 from voxflow.volume import Volume
 
-from conftest import Pointwise, chaos, make_layer, sigkill, worker_pids, write_config
+from conftest import Pointwise, chaos, make_layer, worker_pids, write_config
 
 
 def _setup(tmp_path, n_chunks_z=8):
@@ -31,7 +32,7 @@ def _layer(path):
     return [out.at_mip(m).read(out.at_mip(m).bounds) for m in (0, 1)]
 
 
-def test_chaos_sigkill_workers_output_identical(tmp_path):
+def test_chaos_killed_and_stopped_workers_output_identical(tmp_path):
     base = _setup(tmp_path)
     workers = {"inference": {"group": "local://4", "min": 4},
                "downsample": {"group": "local://4", "min": 4}}
@@ -44,14 +45,16 @@ def test_chaos_sigkill_workers_output_identical(tmp_path):
                        workers=workers, **base)
     kills = []
 
-    def kill_a_random_worker(stop):
+    def kill_a_random_worker(stop):      # SIGKILL and SIGTERM (mid-write: pipelined) in turn
         rng = random.Random(0)
         while not stop.wait(rng.uniform(1.5, 2.5)):
             pids = list(worker_pids().values())
             if pids:
                 victim = rng.choice(pids)
-                if sigkill(victim):
-                    kills.append(victim)
+                how = signal.SIGKILL if len(kills) % 2 == 0 else signal.SIGTERM
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, how)
+                    kills.append((victim, how))
 
     with chaos(kill_a_random_worker):
         assert main(["run", str(cfg), "--run-id", "chaos", "--quiet"]) == 0

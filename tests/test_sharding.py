@@ -227,8 +227,8 @@ def test_sharded_run_on_gs_writes_each_shard_once(tmp_path, layer, blend, gcs, m
         def __getattr__(self, attr):
             return getattr(self.stage, attr)
 
-        def process(self, index, loaded):
-            self.stage.process(index, loaded)
+        def write(self, index, computed):
+            self.stage.write(index, computed)
             record((self.name, index))
 
     for name in stage_names(p):

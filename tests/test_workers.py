@@ -205,7 +205,7 @@ def test_local_group_replaces_dead_and_stops_only_idle(tmp_path):
 
 
 class _TimedStage:
-    """A stage whose load (I/O) and process (compute) each take a fixed time."""
+    """A stage whose load (I/O) and compute each take a fixed time; writes take none."""
 
     name = kind = "inference"
 
@@ -224,10 +224,14 @@ class _TimedStage:
         self.most_in_memory = max(self.most_in_memory, self.loaded_not_processed)
         return index
 
-    def process(self, index, loaded):
+    def compute(self, index, loaded):
         assert loaded == index
         time.sleep(self.seconds)
         self.loaded_not_processed -= 1
+        return index
+
+    def write(self, index, computed):
+        assert computed == index
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

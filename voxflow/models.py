@@ -33,6 +33,32 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def to_host(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Start copying a device tensor to host memory; the returned callable waits for the copy
+    and gives the array. On CUDA the copy goes to pinned memory on a side stream, so the
+    compute stream goes on with the next batch while the writer thread waits for the bytes;
+    on the CPU it is the tensor's own memory."""
+    if t.device.type != "cuda":
+        array = t.numpy()
+        return lambda: array
+    stream = _copy_streams.setdefault(t.device, torch.cuda.Stream(t.device))
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)                   # the caching allocator must not reuse t early
+    copied = torch.cuda.Event()
+    copied.record(stream)
+
+    def result() -> np.ndarray:
+        copied.synchronize()
+        return host.numpy()
+    return result
+
+
+_copy_streams: dict = {}
+
+
 def _static_batch(program: torch.export.ExportedProgram) -> Optional[int]:
     """The batch size an exported program was specialised to, or None if it is dynamic."""
     user_inputs = set(program.graph_signature.user_inputs)

@@ -1,9 +1,10 @@
 """Stage operations: what a worker does for one task, by stage name and task index.
 
 A worker runs only operations it knows by name (`build_stage`). Each task is split into
-`load` (read its input: I/O, prefetched while the previous task computes) and `process`
-(compute and write). Both are idempotent: re-running a task writes the same bytes to the same
-places, so at-least-once delivery is harmless.
+`load` (read its input: I/O, prefetched while the previous task computes), `compute` (what it
+writes, on its way to host memory) and `write` (the writes: behind the next task's compute).
+All are idempotent: re-running a task writes the same bytes to the same places, so
+at-least-once delivery is harmless.
 
 Stages of a run: inference (crop mode: `InferenceStage`; overlap mode:
 `OverlapInferenceStage`), then in overlap mode `BlendStage`, then the downsample passes.
@@ -11,7 +12,7 @@ Stages of a run: inference (crop mode: `InferenceStage`; overlap mode:
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from .blend import BandGrid, OverlapGrid
 from .downsample import downsample
 from .geometry import Box, ChunkGrid
 from .inference import SlidingWindow
-from .models import Model, pick_device
+from .models import Model, pick_device, to_host
 from .config import RunConfig
 from .pipeline import Plan, plan
 from .sharding import shard_grid
@@ -38,11 +39,18 @@ class Stage(Protocol):
 
     def load(self, index: int) -> Any: ...
 
-    def process(self, index: int, loaded: Any) -> None: ...
+    def compute(self, index: int, loaded: Any) -> Any: ...
+
+    def write(self, index: int, computed: Any) -> None: ...
 
 
 def run_task(stage: Stage, index: int) -> None:
-    stage.process(index, stage.load(index))
+    stage.write(index, stage.compute(index, stage.load(index)))
+
+
+def _host(data: Union[np.ndarray, Callable[[], np.ndarray]]) -> np.ndarray:
+    """An array, or a pending device-to-host copy (`to_host`): the array."""
+    return data() if callable(data) else data
 
 
 def to_output_dtype(prob: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -83,13 +91,16 @@ class InferenceStage:
     def load(self, index: int) -> np.ndarray:
         return self._input.read(self.read_box(index), pad=self.plan.config.inference.pad)
 
-    def process(self, index: int, image: np.ndarray) -> None:
+    def compute(self, index: int, image: np.ndarray) -> list[tuple[Box, Callable]]:
         box, read = self.box(index), self.read_box(index)
         result = self.window(image)                      # covers read minus the patch margin
         origin = [a + m for a, m in zip(read.start, self.plan.config.model.patch_margin)]
         crop = result[(slice(None), *box.zyx_slices(origin))]
-        data = to_output_dtype(crop, self.plan.config.output_dtype).cpu().numpy()
-        self._output.write(box, data)
+        return [(box, to_host(to_output_dtype(crop, self.plan.config.output_dtype)))]
+
+    def write(self, index: int, computed: list[tuple[Box, Callable]]) -> None:
+        for box, data in computed:
+            self._output.write(box, _host(data))
 
 
 def _divide(acc: torch.Tensor, sums: list[np.ndarray]) -> None:
@@ -121,24 +132,21 @@ class OverlapInferenceStage(InferenceStage):
         return self._input.read(self.grid.read_box(index), pad=self.plan.config.inference.pad)
 
     @torch.inference_mode()
-    def process(self, index: int, image: np.ndarray) -> None:
+    def compute(self, index: int, image: np.ndarray) -> tuple[str, list]:
+        """("pieces", [(box, cell, values)]): final values of the exclusive box (cell None)
+        and partial sums of band cells; sharded, ("pack", ...) of pieces split by shard."""
         cfg = self.plan.config
         acc = self.window.weighted_sum(image, self.grid.patch_starts(index))
         _divide(acc, self.grid.weight_sums(index, cfg.inference.weighting))
         origin = self.grid.extent(index).start
 
-        def values(box: Box, final: bool) -> np.ndarray:
+        def values(box: Box, final: bool) -> Callable[[], np.ndarray]:
             part = acc[(slice(None), *box.zyx_slices(origin))]
-            return (to_output_dtype(part, cfg.output_dtype) if final else part).cpu().numpy()
+            return to_host(to_output_dtype(part, cfg.output_dtype) if final else part)
 
         pieces = self.grid.pieces(index)
         if self.plan.shard_shapes is None:
-            for piece in pieces:
-                if piece.cell is None:
-                    self._output.write(piece.box, values(piece.box, True))
-                else:
-                    self.store.put(partial_key(piece.cell, index), values(piece.box, False))
-            return
+            return "pieces", [(p.box, p.cell, values(p.box, p.cell is None)) for p in pieces]
         # sharded: no shard is this task's alone to write; every piece, split by shard and
         # grouped by shard, goes into one pack for the blend stage to assemble
         packed = []
@@ -148,7 +156,18 @@ class OverlapInferenceStage(InferenceStage):
                 box = piece.box.intersect(shard)
                 if not box.is_empty():
                     packed.append((box, piece.cell, values(box, piece.cell is None)))
-        self.store.put_pack(pack_key(index), packed)
+        return "pack", packed
+
+    def write(self, index: int, computed: tuple[str, list]) -> None:
+        how, pieces = computed
+        if how == "pack":
+            self.store.put_pack(pack_key(index), [(b, c, _host(v)) for b, c, v in pieces])
+            return
+        for box, cell, data in pieces:
+            if cell is None:
+                self._output.write(box, _host(data))
+            else:
+                self.store.put(partial_key(cell, index), _host(data))
 
 
 class BlendStage:
@@ -178,14 +197,20 @@ class BlendStage:
                   for task, box in self.bands.sources(cell)])
                 for cell in self.bands.cells(index)]
 
-    def process(self, index: int,
-                cells: list[tuple[Box, list[tuple[Box, np.ndarray]]]]) -> None:
+    def compute(self, index: int, cells: list[tuple[Box, list[tuple[Box, np.ndarray]]]]
+                ) -> list[tuple[Box, np.ndarray]]:
         channels, dtype = self.plan.config.model.output_channels, self.plan.config.output_dtype
+        out = []
         for box, parts in cells:
             acc = np.zeros((channels, *reversed(box.shape)), np.float32)
             for part_box, part in parts:
                 acc[(slice(None), *part_box.zyx_slices(box.start))] += part
-            self._output.write(box, to_output_dtype(torch.from_numpy(acc), dtype).numpy())
+            out.append((box, to_output_dtype(torch.from_numpy(acc), dtype).numpy()))
+        return out
+
+    def write(self, index: int, computed: list[tuple[Box, np.ndarray]]) -> None:
+        for box, data in computed:
+            self._output.write(box, data)
 
 
 class ShardBlendStage:
@@ -213,7 +238,7 @@ class ShardBlendStage:
         return [self.store.pack_pieces(pack_key(task), shard)
                 for task in self.plan.grid.tasks_meeting(shard)]
 
-    def process(self, index: int, packs: list) -> None:
+    def compute(self, index: int, packs: list) -> np.ndarray:
         cfg, shard = self.plan.config, self.box(index)
         out = np.zeros((cfg.model.output_channels, *reversed(shard.shape)), cfg.output_dtype)
         sums: dict[tuple, tuple[Box, np.ndarray]] = {}
@@ -231,7 +256,10 @@ class ShardBlendStage:
         for cbox, acc in sums.values():
             out[(slice(None), *cbox.zyx_slices(shard.start))] = to_output_dtype(
                 torch.from_numpy(acc), cfg.output_dtype).numpy()
-        self._output.write(shard, out)
+        return out
+
+    def write(self, index: int, shard: np.ndarray) -> None:
+        self._output.write(self.box(index), shard)
 
 
 class DownsampleStage:
@@ -255,10 +283,13 @@ class DownsampleStage:
     def load(self, index: int) -> np.ndarray:
         return self._volumes[0].read(self.box(index))
 
-    def process(self, index: int, image: np.ndarray) -> None:
-        factor = self.plan.config.downsample.factor
+    def compute(self, index: int, image: np.ndarray) -> list[np.ndarray]:
         seg = self._volumes[0].layer_type == "segmentation"
-        for k, level in enumerate(downsample(image, factor, self.pass_.mips, seg), 1):
+        return downsample(image, self.plan.config.downsample.factor, self.pass_.mips, seg)
+
+    def write(self, index: int, levels: list[np.ndarray]) -> None:
+        factor = self.plan.config.downsample.factor
+        for k, level in enumerate(levels, 1):
             self._volumes[k].write(self.pass_.target_box(self.box(index), factor, k), level)
 
 

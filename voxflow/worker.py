@@ -1,10 +1,15 @@
 """`Worker`: pull a task, keep its lease alive, run the stage's operation, ack.
 
 The main thread only controls: it pulls, extends leases, watches for a stop, and acks or
-nacks. Computing happens on one thread and reading the next task's input (prefetch, at most
-one task ahead) on another, so a stop (SIGTERM on a Spot VM) is acted on within a fraction
-of a second even in the middle of a long forward pass: the held leases are released at once
-and the process may exit; the half-done task is simply redone elsewhere (tasks are idempotent).
+nacks. A task is a pipeline of three threads: reading the next task's input (prefetch, one
+task ahead), computing, and writing the previous task's output (write-behind, one task
+behind), so on a fast accelerator neither reads nor writes leave it idle. Memory stays
+bounded: at most one task in each phase, and a computed task waits for the writer (holding
+up the next compute) rather than queueing. A task is acked only once all its writes
+succeeded; a failed write fails the task (retried). A stop (SIGTERM on a Spot VM) is acted
+on within a fraction of a second even in the middle of a long forward pass: leases not being
+written are released at once, a write in flight gets `WRITE_GRACE_SECONDS` to finish (then
+acked) or is released too; a half-done task is simply redone elsewhere (tasks are idempotent).
 The same holds when the run itself ends (cancelled, failed, its driver gone quiet): the
 worker gives its tasks back and stops pulling them.
 """
@@ -18,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, TextIO
 
@@ -27,6 +32,7 @@ from .queues import Lease, TaskQueue
 
 StageFactory = Callable[[str, str], object]   # (run, stage) -> Stage
 SESSION_SECONDS = 60.0                        # how often a working worker re-reports its session
+WRITE_GRACE_SECONDS = 3.0                     # on stop: how long a write in flight may finish
 
 
 class JsonLog:
@@ -50,7 +56,9 @@ class _Job:
     lease: Lease
     message: TaskMessage
     stage: object
-    loaded: Future
+    loaded: Future                         # stage.load, on the I/O thread
+    computed: Optional[Future] = None      # stage.compute, on the compute thread
+    written: Optional[Future] = None       # stage.write, on the write thread
 
 
 def _short_error(exc: BaseException) -> str:
@@ -136,15 +144,23 @@ class Worker:
         self._held_lock = threading.Lock()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="voxflow-compute")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="voxflow-io")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="voxflow-write")
+        self._backoff = idle_backoff[0]
+        self._pull_after = 0.0                          # monotonic: no pull before this
 
     # -- leases ---------------------------------------------------------------------------
     def _hold(self, lease: Lease) -> None:
         with self._held_lock:
             self._held[(lease.run, lease.stage, lease.index)] = lease
 
-    def _drop(self, lease: Lease) -> None:
+    def _holds(self, lease: Lease) -> bool:
         with self._held_lock:
-            self._held.pop((lease.run, lease.stage, lease.index), None)
+            return (lease.run, lease.stage, lease.index) in self._held
+
+    def _drop(self, lease: Lease) -> bool:
+        """Stop holding `lease`; False if it was no longer held (given up or released)."""
+        with self._held_lock:
+            return self._held.pop((lease.run, lease.stage, lease.index), None) is not None
 
     def release_all(self) -> int:
         """Give every held lease back now (preemption): another worker takes them at once."""
@@ -213,19 +229,62 @@ class Worker:
             return _Job(lease, message, stage, self._io.submit(stage.load, message.index))
         return None
 
-    def _process(self, job: _Job) -> float:
+    def _next(self) -> Optional[_Job]:
+        """`_take`, pulling at most once per idle backoff while nothing is found."""
+        now = time.monotonic()
+        if now < self._pull_after:
+            return None
+        job = self._take()
+        if job is None:
+            self._pull_after = now + self._backoff
+            self._backoff = min(self._backoff * 2, self.idle_backoff[1])
+        else:
+            self._backoff, self._pull_after = self.idle_backoff[0], 0.0
+        return job
+
+    def _compute_job(self, job: _Job) -> tuple[object, float]:
         t0 = time.perf_counter()
-        job.stage.process(job.message.index, job.loaded.result())
+        computed = job.stage.compute(job.message.index, job.loaded.result())
+        return computed, time.perf_counter() - t0
+
+    def _write_job(self, job: _Job, computed: object) -> float:
+        t0 = time.perf_counter()
+        job.stage.write(job.message.index, computed)
         return time.perf_counter() - t0
+
+    def _fields(self, job: _Job) -> dict:
+        lease = job.lease
+        return dict(run=lease.run, stage=lease.stage, index=lease.index, attempt=lease.attempt)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if self._drop(job.lease):                       # still ours: count the attempt
+            self.queue.nack(job.lease, _short_error(exc))
+        self.log("task_failed", "error", error=_short_error(exc),
+                 trace="".join(traceback.format_exception(exc, limit=-3)), **self._fields(job))
+
+    def _finish(self, job: _Job) -> None:
+        """Ack a task whose writes ended well (if it is still ours), or fail it."""
+        exc = job.written.exception()
+        if exc is not None:
+            return self._fail(job, exc)
+        if not self._drop(job.lease):                   # given up meanwhile: not ours to ack
+            return
+        self.queue.ack(job.lease)                       # only now: all its writes are done
+        self.done += 1
+        seconds = job.computed.result()[1]
+        self._served[job.lease.run] = self._served.get(job.lease.run, 0.0) + seconds
+        self.log("task_done", seconds=round(seconds, 3),
+                 write_seconds=round(job.written.result(), 3), **self._fields(job))
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, exit_when_idle: Optional[float] = None) -> int:
         """Work until `stop` is set, or until idle for `exit_when_idle` seconds."""
         started = last_report = time.time()
         self.log("worker_started", kinds=self.kinds)
-        nxt: Optional[_Job] = None
+        nxt: Optional[_Job] = None          # loading
+        computing: Optional[_Job] = None    # computing, or computed and waiting for the writer
+        writing: Optional[_Job] = None
         idle_since: Optional[float] = None
-        backoff = self.idle_backoff[0]
         extend_every = self.lease_seconds / 3
         last_extend = time.monotonic()
         while not self.stop.is_set():
@@ -235,56 +294,69 @@ class Worker:
             if self.runs_ended():
                 self.log("runs_ended", runs=self.runs)
                 break
-            job, nxt = nxt or self._take(), None
-            if job is None:
+            if writing is not None and writing.written.done():
+                self._finish(writing)
+                writing = None
+            if computing is not None and computing.computed.done():
+                exc = computing.computed.exception()
+                if exc is not None:
+                    self._fail(computing, exc)
+                    computing = None
+                elif not self._holds(computing.lease):   # given up meanwhile: not written
+                    computing = None
+                elif writing is None:
+                    writing, computing = computing, None
+                    writing.written = self._writer.submit(
+                        self._write_job, writing, writing.computed.result()[0])
+            if computing is None:
+                job, nxt = nxt or self._next(), None
+                if job is not None and not self.watch.live(job.lease.run):
+                    self._give_up_ended()                # ended while it was prefetched
+                    continue
+                if job is not None:
+                    job.computed = self._compute.submit(self._compute_job, job)
+                    computing = job
+            if self.prefetch and nxt is None and computing is not None:
+                nxt = self._next()
+            busy = [j for j in (computing, writing, nxt) if j is not None]
+            if not busy:
                 now = time.monotonic()
                 idle_since = idle_since or now
                 if exit_when_idle is not None and now - idle_since >= exit_when_idle:
                     break
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, self.idle_backoff[1])
+                self.stop.wait(max(self._pull_after - now, 0.0))
                 continue
-            idle_since, backoff = None, self.idle_backoff[0]
-            if not self.watch.live(job.lease.run):       # ended while it was prefetched
-                self._give_up_ended()
-                continue
-            future = self._compute.submit(self._process, job)
-            if self.prefetch:
-                nxt = self._take()
-            while not self.stop.is_set():
-                if wait([future], timeout=0.05).done:
-                    break
-                self._give_up_ended()
-                if not self.watch.live(job.lease.run):
-                    break                             # released; its compute runs out unused
-                if time.monotonic() - last_extend >= extend_every:
-                    self._extend_all()
-                    last_extend = time.monotonic()
-            if self.stop.is_set():
-                break
-            lease = job.lease
-            if not self.watch.live(lease.run):
-                self._give_up_ended()
-                continue
-            fields = dict(run=lease.run, stage=lease.stage, index=lease.index,
-                          attempt=lease.attempt)
-            try:
-                seconds = future.result()
-            except Exception as exc:
-                self.queue.nack(lease, _short_error(exc))
-                self._drop(lease)
-                self.log("task_failed", "error", error=_short_error(exc),
-                         trace=traceback.format_exc(limit=-3), **fields)
-                continue
-            self.queue.ack(lease)                 # only now: the task's writes are complete
-            self._drop(lease)
-            self.done += 1
-            self._served[lease.run] = self._served.get(lease.run, 0.0) + seconds
-            self.log("task_done", seconds=round(seconds, 3), **fields)
-        released = self.release_all()
+            idle_since = None
+            pending = [f for f in (computing and computing.computed,
+                                   writing and writing.written) if f is not None and not f.done()]
+            if pending:
+                wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+            self._give_up_ended()
+            if time.monotonic() - last_extend >= extend_every:
+                self._extend_all()
+                last_extend = time.monotonic()
+        released = self._stop_pipeline(writing)
         self._record_sessions(started)
         self.log("worker_stopped", done=self.done, released=released)
         return self.done
+
+    def _stop_pipeline(self, writing: Optional[_Job]) -> int:
+        """Release every lease except a write in flight, which may finish within
+        `WRITE_GRACE_SECONDS` (then acked), else is released too: never acked half-written."""
+        keep = writing.lease if writing is not None else None
+        with self._held_lock:
+            held = dict(self._held)
+        released = 0
+        for key, lease in held.items():
+            if lease is not keep and self._drop(lease):
+                self.queue.release(lease)
+                self.log("released", run=lease.run, stage=lease.stage, index=lease.index)
+                released += 1
+        if writing is not None:
+            wait([writing.written], timeout=WRITE_GRACE_SECONDS)
+            if writing.written.done():
+                self._finish(writing)
+        return released + self.release_all()
 
     def _record_sessions(self, started: float) -> None:
         """Report this session to the queue for each run it served (or was started for):
@@ -305,5 +377,5 @@ class Worker:
                 self.log("session_not_recorded", "warning", run=run, error=_short_error(exc))
 
     def shutdown(self) -> None:
-        self._compute.shutdown(wait=False, cancel_futures=True)
-        self._io.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._compute, self._io, self._writer):
+            pool.shutdown(wait=False, cancel_futures=True)

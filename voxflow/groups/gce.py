@@ -27,7 +27,9 @@ Why it is built this way:
   and a template still referenced by a MIG elsewhere could not be deleted anyway. Prune old
   ones with `gcloud compute instance-templates list --filter="name~^GROUP-"`.
 - **The template**: the machine type; a boot disk from a Deep Learning VM image (NVIDIA
-  driver, Docker and the NVIDIA container toolkit; `GPU_BOOT_IMAGE`) for GPU groups,
+  driver, Docker and the NVIDIA container toolkit; `GPU_BOOT_IMAGE`, whose driver
+  `GPU_BOOT_IMAGE_DRIVER` is at least what the GPU image's default CUDA build needs,
+  `CUDA_MIN_DRIVER`) for GPU groups,
   Container-Optimized OS (`CPU_BOOT_IMAGE`, Docker built in) for CPU groups, either
   overridable with `gce.boot_image`; the accelerators, with `onHostMaintenance=TERMINATE` as
   GPUs require (they cannot live-migrate); Spot provisioning with
@@ -91,6 +93,14 @@ from ..config import GceConfig, gce_region, parse_gce_url
 
 GPU_BOOT_IMAGE = ("projects/deeplearning-platform-release/global/images/family/"
                   "common-cu128-ubuntu-2204-nvidia-570")
+# The NVIDIA driver major GPU_BOOT_IMAGE's family ships (its name says so). The GPU image's torch
+# must need no newer one, or CUDA fails in the container on every default GPU VM.
+GPU_BOOT_IMAGE_DRIVER = 570
+# Minimum NVIDIA driver major (Linux) of the CUDA builds of PyTorch wheels, by wheel tag
+# (download.pytorch.org/whl/<tag>): the GA driver of each CUDA toolkit in NVIDIA's CUDA Toolkit
+# release notes (12.6: 560.28.03, 12.8: 570.26, 13.0: 580.65.06). CUDA 12 minor version
+# compatibility may run 12.x on older drivers too; voxflow does not count on it.
+CUDA_MIN_DRIVER: dict[str, int] = {"cu126": 560, "cu128": 570, "cu130": 580}
 CPU_BOOT_IMAGE = "projects/cos-cloud/global/images/family/cos-stable"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 STOCKOUT_CODES = frozenset({"ZONE_RESOURCE_POOL_EXHAUSTED",
