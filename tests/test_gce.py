@@ -309,9 +309,11 @@ def test_gpu_template_body():
     (run,) = [ln for ln in startup.replace("\\\n", " ").splitlines()
               if ln.startswith("exec docker run")]
     assert shlex.split(run) == [
-        "exec", "docker", "run", "--rm", "--name", "voxflow-worker", "--gpus", "all", IMAGE,
-        "voxflow", "worker", QUEUE, "--kind", "inference", "--lease-seconds", "60",
-        "--leave-group", "--worker-id", "$name", "${run:+--run", "$run}"]
+        "exec", "docker", "run", "--rm", "--name", "voxflow-worker-$slot", "--gpus",
+        "device=$slot", IMAGE, "voxflow", "worker", QUEUE, "--kind", "inference",
+        "--lease-seconds", "60", "--leave-group", "--worker-id", "$name", "${run:+--run",
+        "$run}"]
+    assert startup.rstrip().endswith("systemctl enable --now voxflow-worker@0.service")
     assert RUN_A not in json.dumps(body)               # the run reaches VMs via the MIG
 
 
@@ -391,8 +393,8 @@ def test_startup_script_parses_and_runs_the_worker_container(tmp_path):
                 **os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "ARGS": str(args),
                 "VM": "vox-gpu-1a2b3c4d-7f3a", "RC": "0", **env}).returncode
 
-    command = ["run", "--rm", "--name", "voxflow-worker", "--gpus", "all", IMAGE, "voxflow",
-               "worker", QUEUE, "--kind", "inference", "--lease-seconds", "60",
+    command = ["run", "--rm", "--name", "voxflow-worker-0", "--gpus", "device=0", IMAGE,
+               "voxflow", "worker", QUEUE, "--kind", "inference", "--lease-seconds", "60",
                "--leave-group", "--worker-id", "vox-gpu-1a2b3c4d-7f3a"]
     odd = RUN_A + " $HOME 'x'"                         # quoting holds for any run id
     assert boot(RUN=odd) == 0
@@ -402,6 +404,48 @@ def test_startup_script_parses_and_runs_the_worker_container(tmp_path):
     assert boot(RUN=RUN_A, CURL_FAILS="7") == 1        # unreachable: never serve every run
     assert not args.exists()
     assert boot(RUN=RUN_A, RC="137") == 137            # a killed worker: systemd restarts it
+
+
+def test_a_vm_with_four_gpus_runs_four_workers_one_gpu_each(tmp_path):
+    """accelerator_count 4: four units, each container given one GPU and its own worker id;
+    the autoscaler's target counts workers (6 -> 2 VMs); a VM one of whose workers holds a
+    lease is busy; preemption stops all four containers."""
+    compute = Compute()
+    group = make_group(compute, accelerator_count=4)
+    assert group.slots == 4
+    group.resize(6, set())
+    assert compute.sent("resize")[-1]["size"] == 2 and group.size() == 8
+    meta = metadata(template_body(compute))
+    startup = meta["startup-script"]
+    assert startup.rstrip().endswith("systemctl enable --now " + " ".join(
+        f"voxflow-worker@{i}.service" for i in range(4)))
+    assert "docker stop --time 25 voxflow-worker-0 voxflow-worker-1 voxflow-worker-2 " \
+           "voxflow-worker-3" in meta["shutdown-script"]
+    wrapper = startup.split("<<'VOXFLOW_WORKER'\n", 1)[1].split("\nVOXFLOW_WORKER\n", 1)[0]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool, body in {"docker": '#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS"\n',
+                       "curl": FAKE_CURL, "nvidia-smi": "#!/bin/sh\ntrue\n"}.items():
+        (bindir / tool).write_text(body)
+        (bindir / tool).chmod(0o755)
+    (tmp_path / "run-worker.sh").write_text(wrapper)
+    seen = []
+    for slot in range(4):                               # what systemd's %i passes
+        subprocess.run(["bash", str(tmp_path / "run-worker.sh"), str(slot)], check=True,
+                       timeout=30, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+                                        "ARGS": str(tmp_path / "args"), "VM": "vm-1",
+                                        "RUN": RUN_A})
+        args = (tmp_path / "args").read_text().splitlines()
+        seen.append((args[args.index("--name") + 1], args[args.index("--gpus") + 1],
+                     args[args.index("--worker-id") + 1]))
+    assert seen == [(f"voxflow-worker-{i}", f"device={i}", f"vm-1.gpu{i}") for i in range(4)]
+    compute.boot()
+    vms = compute.names(ZONE, group.name)
+    compute.calls.clear()
+    group.resize(1, {f"{vms[1]}.gpu3"})                 # one worker busy on the second VM
+    (delete,) = compute.sent("delete_instances")
+    urls = delete["instance_group_managers_delete_instances_request_resource"]["instances"]
+    assert [u.rsplit("/", 1)[1] for u in urls] == [vms[0]]
 
 
 def test_template_is_reused_unless_the_config_changes():

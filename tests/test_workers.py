@@ -204,6 +204,58 @@ def test_local_group_replaces_dead_and_stops_only_idle(tmp_path):
     assert group.size() == 0
 
 
+def _environ(pid):
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+
+
+def test_local_auto_starts_one_worker_per_visible_gpu(tmp_path, monkeypatch):
+    """local://auto with three GPUs visible (CUDA_VISIBLE_DEVICES names them; the workers
+    then find no CUDA here and compute on the CPU): three workers, each given one of them
+    and the same share of the cores; a fourth is never started; a dead worker's GPU goes to
+    its replacement. Without GPUs: one worker, every core."""
+    from voxflow.groups import open_group
+    from voxflow.groups.local import local_capacity, visible_gpus
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    queue_url = f"sqlite://{tmp_path}/q.db"
+    open_queue(queue_url).close()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert local_capacity("local://auto") == 3
+    from voxflow.config import WorkersConfig
+    assert WorkersConfig().inference.group == "local://auto"     # the default
+    assert WorkersConfig().inference.max == 3
+    group = open_group("local://auto", queue_url, "inference", log_dir=tmp_path / "logs",
+                       capacity=3)
+    try:
+        group.resize(4, set())
+        pids = group.pids()
+        assert len(pids) == 3
+        envs = {w: _environ(p) for w, p in pids.items()}
+        assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in envs.values()) == ["0", "1", "2"]
+        threads = {e["OMP_NUM_THREADS"] for e in envs.values()}
+        assert threads == {str(max(1, (os.cpu_count() or 1) // 3))}
+        victim = next(iter(pids))
+        freed = envs[victim]["CUDA_VISIBLE_DEVICES"]
+        os.kill(pids[victim], signal.SIGKILL)
+        _until(lambda: group.size() == 2, 10, "the dead worker to be reaped")
+        group.resize(3, set())
+        (new,) = set(group.pids()) - set(pids)
+        assert _environ(group.pids()[new])["CUDA_VISIBLE_DEVICES"] == freed
+    finally:
+        group.close()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cpu = open_group("local://auto", queue_url, "inference", log_dir=tmp_path / "logs",
+                     capacity=local_capacity("local://auto"))
+    try:
+        cpu.resize(2, set())
+        (pid,) = cpu.pids().values()
+        assert _environ(pid)["OMP_NUM_THREADS"] == str(os.cpu_count())
+    finally:
+        cpu.close()
+
+
 class _TimedStage:
     """A stage whose load (I/O) and compute each take a fixed time; writes take none."""
 

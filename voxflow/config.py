@@ -17,6 +17,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
+from .groups.local import local_capacity
+
 Size3 = Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
 NonNeg3 = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=3, max_length=3)]
 Int3 = Annotated[list[int], Field(min_length=3, max_length=3)]
@@ -338,7 +340,9 @@ class GroupConfig(_Section):
     """A worker group and how the autoscaler sizes it."""
 
     group: str = Field("local://1", description="local://N: up to N worker processes on "
-                       "this machine; local://0: the driver works the queue itself; "
+                       "this machine; local://auto: one per GPU here (each its own "
+                       "CUDA_VISIBLE_DEVICES), or one with every core on a machine without "
+                       "GPUs; local://0: the driver works the queue itself; "
                        "gce://PROJECT/ZONE/GROUP: a Compute Engine managed instance group "
                        "named GROUP (needs max and the gce section); external://: workers "
                        "started elsewhere (compose services, Kubernetes, a cluster's jobs) "
@@ -347,7 +351,8 @@ class GroupConfig(_Section):
                                              "has work.")
     max: Optional[Annotated[int, Field(ge=0)]] = Field(None, validate_default=True,
                                                        description="Most workers. "
-                                                       "Default: N of local://N; "
+                                                       "Default: N of local://N, the "
+                                                       "GPUs here for local://auto; "
                                                        "required for gce:// groups.")
     tasks_per_worker: PositiveInt = Field(4, description="Backlog per worker the autoscaler "
                                           "aims for.")
@@ -360,14 +365,15 @@ class GroupConfig(_Section):
     @field_validator("group")
     @classmethod
     def _group_url(cls, value: str) -> str:
-        if value.startswith("local://") and value[len("local://"):].isdigit():
+        if value.startswith("local://") and (value[len("local://"):].isdigit()
+                                             or value == "local://auto"):
             return value
         if value.startswith("gce://"):
             parse_gce_url(value)
             return value
         if value == "external://":
             return value
-        raise ValueError(f"{value!r} is not a known worker group URL (local://N, "
+        raise ValueError(f"{value!r} is not a known worker group URL (local://N, local://auto, "
                          "gce://PROJECT/ZONE/GROUP or external://)")
 
     @field_validator("max")
@@ -396,8 +402,11 @@ class GroupConfig(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> "GroupConfig":
-        if self.group.startswith("local://"):
-            capacity = int(self.group[len("local://"):])
+        if self.group == "local://auto":
+            if self.max is None:              # this machine's GPUs; not checked elsewhere:
+                self.max = local_capacity(self.group)  # a worker re-reads it on its own
+        elif self.group.startswith("local://"):
+            capacity = local_capacity(self.group)
             if self.max is None:
                 self.max = capacity
             if self.max > capacity and capacity:
@@ -412,7 +421,7 @@ class GroupConfig(_Section):
 class WorkersConfig(_Section):
     """One worker group per kind of stage."""
 
-    inference: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://1"),
+    inference: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://auto"),
                                    description="GPU group in the cloud; one process per "
                                    "device here.")
     blend: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),

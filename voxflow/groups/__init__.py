@@ -1,6 +1,7 @@
 """`WorkerGroup`: a resizable set of workers, and the `Autoscaler` that sizes it.
 
-Backends by URL: `local://N` (worker processes on this machine), `gce://PROJECT/ZONE/GROUP`
+Backends by URL: `local://N` (worker processes on this machine; `local://auto`: one per
+GPU, or one using every core), `gce://PROJECT/ZONE/GROUP`
 (a Compute Engine managed instance group of Spot VMs per run, `gce.py`), `external://`
 (workers started by something else: compose services, a Kubernetes deployment, cluster jobs;
 voxflow starts and stops nothing and only waits for the queue to drain). The autoscaler is
@@ -68,9 +69,11 @@ def open_group(url: str, queue_url: str, kind: str, gce=None, run: Optional[str]
     its workers) and ignores the rest.
     """
     if url.startswith("local://"):
+        from .local import LocalGroup, visible_gpus
+        if url == "local://auto":
+            return LocalGroup(queue_url, kind, run=run, devices=visible_gpus(), **options)
         if int(url[len("local://"):]) == 0:
             return None
-        from .local import LocalGroup
         return LocalGroup(queue_url, kind, run=run, **options)
     if url == "external://":
         return ExternalGroup()

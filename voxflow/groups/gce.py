@@ -38,8 +38,10 @@ Why it is built this way:
   `cloud-platform` scope (access is then governed by IAM roles alone); labels `voxflow-kind`
   and `voxflow-group` (GROUP); metadata holding only the startup and shutdown scripts, never
   a secret (credentials come from the service account through the metadata server).
-- **The startup script** writes a systemd unit that runs the container (`--gpus all` on GPU
-  groups) with `Restart=on-failure`: a worker that crashes, is killed or fails to start is
+- **The startup script** writes a systemd unit per worker slot (`voxflow-worker@SLOT`) that
+  runs a container: on a GPU VM one per GPU (`--gpus device=SLOT`, worker id `NAME.gpuSLOT`
+  when there are several; the autoscaler's target counts workers, a VM holds `slots`, and
+  a VM is busy while any of its workers is), on a CPU VM one; with `Restart=on-failure`: a worker that crashes, is killed or fails to start is
   restarted; one that exits 0 is done on purpose (its run is over and it left its MIG; no
   `--exit-when-idle` is passed). Its stop is `docker stop --time 25`: the worker releases its
   leases on SIGTERM, within the 30 s a Spot preemption gives. A `shutdown-script` runs the
@@ -90,6 +92,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..config import GceConfig, gce_region, parse_gce_url
+from ..geometry import ceil_div
 
 GPU_BOOT_IMAGE = ("projects/deeplearning-platform-release/global/images/family/"
                   "common-cu128-ubuntu-2204-nvidia-570")
@@ -248,6 +251,11 @@ class GceGroup:
     def gpu(self) -> bool:
         return bool(self.gce.accelerator_type)
 
+    @property
+    def slots(self) -> int:
+        """Workers per VM: one per GPU (each container sees its own), one on a CPU VM."""
+        return self.gce.accelerator_count if self.gpu else 1
+
     def worker_command(self) -> list[str]:
         """The container's command, without the worker id (the VM's name) and the run (its
         MIG's `voxflow-run` metadata): both are read at boot, so the template is shared."""
@@ -257,8 +265,12 @@ class GceGroup:
         return cmd + ["--leave-group"]
 
     def startup_script(self) -> str:
+        """One systemd unit per worker slot (`voxflow-worker@SLOT`): on a VM with N GPUs, N
+        containers, each given GPU SLOT alone and named `NAME.gpuSLOT` (one worker: NAME)."""
         image = shlex.quote(self.gce.image)
-        gpus = "--gpus all " if self.gpu else ""
+        gpus = '--gpus "device=$slot" ' if self.gpu else ""
+        worker_id = '"$name.gpu$slot"' if self.slots > 1 else '"$name"'
+        units = " ".join(f"{CONTAINER}@{i}.service" for i in range(self.slots))
         command = " ".join(shlex.quote(a) for a in self.worker_command())
         wait_gpu = ("# The Deep Learning VM image may install the NVIDIA driver on first boot.\n"
                     "until nvidia-smi >/dev/null 2>&1; do sleep 5; done\n") if self.gpu else ""
@@ -279,27 +291,28 @@ case "$registry" in
 esac
 cat > "$HOME/run-worker.sh" <<'VOXFLOW_WORKER'
 #!/bin/bash
+slot=${{1:-0}}
 {wait_gpu}metadata=http://{METADATA_HOST}/computeMetadata/v1/instance
 name=$(curl -sf -H 'Metadata-Flavor: Google' "$metadata/name" || hostname -s)
 # The run this VM's MIG serves; curl's 22 is HTTP 404: a group that is not per run.
 run=$(curl -sf --retry 5 --retry-connrefused -H 'Metadata-Flavor: Google' \\
   "$metadata/attributes/{RUN_METADATA}")
 case $? in 0|22) ;; *) echo "metadata server unreachable" >&2; exit 1 ;; esac
-exec docker run --rm --name {CONTAINER} {gpus}{image} {command} --worker-id "$name" \\
-  ${{run:+--run "$run"}}
+exec docker run --rm --name {CONTAINER}-$slot {gpus}{image} {command} \\
+  --worker-id {worker_id} ${{run:+--run "$run"}}
 VOXFLOW_WORKER
-cat > /etc/systemd/system/{CONTAINER}.service <<'VOXFLOW_UNIT'
+cat > /etc/systemd/system/{CONTAINER}@.service <<'VOXFLOW_UNIT'
 [Unit]
-Description=voxflow worker
+Description=voxflow worker %i
 Requires=docker.service
 After=docker.service network-online.target
 StartLimitIntervalSec=0
 
 [Service]
 Environment=HOME=/var/lib/voxflow
-ExecStartPre=-/usr/bin/docker rm -f {CONTAINER}
-ExecStart=/bin/bash /var/lib/voxflow/run-worker.sh
-ExecStop=/usr/bin/docker stop --time {STOP_SECONDS} {CONTAINER}
+ExecStartPre=-/usr/bin/docker rm -f {CONTAINER}-%i
+ExecStart=/bin/bash /var/lib/voxflow/run-worker.sh %i
+ExecStop=/usr/bin/docker stop --time {STOP_SECONDS} {CONTAINER}-%i
 TimeoutStopSec={STOP_SECONDS + 5}
 # Exit 0: the run is over and the VM left its group. Crashes and kills restart.
 Restart=on-failure
@@ -309,12 +322,13 @@ RestartSec=10
 WantedBy=multi-user.target
 VOXFLOW_UNIT
 systemctl daemon-reload
-systemctl enable --now {CONTAINER}.service
+systemctl enable --now {units}
 """
 
     def shutdown_script(self) -> str:
-        return (f"#!/bin/bash\n# Spot preemption or deletion: SIGTERM, the worker releases "
-                f"its leases.\ndocker stop --time {STOP_SECONDS} {CONTAINER} || true\n")
+        names = " ".join(f"{CONTAINER}-{i}" for i in range(self.slots))
+        return (f"#!/bin/bash\n# Spot preemption or deletion: SIGTERM, the workers release "
+                f"their leases.\ndocker stop --time {STOP_SECONDS} {names} || true\n")
 
     def _network(self, value: str, scope: str) -> str:
         if value.startswith(("projects/", "https://")):
@@ -458,8 +472,9 @@ systemctl enable --now {CONTAINER}.service
     # -- WorkerGroup ------------------------------------------------------------------------
 
     def size(self) -> int:
-        """VMs asked for: the sum of the MIGs' target sizes (running or starting)."""
-        return sum(int(m.target_size) for m in map(self._get, self.zones) if m is not None)
+        """Workers asked for: the MIGs' target sizes (VMs running or starting) x slots."""
+        vms = sum(int(m.target_size) for m in map(self._get, self.zones) if m is not None)
+        return vms * self.slots
 
     def status(self) -> GroupStatus:
         """Target vs actual, per zone, with stockouts and other creation errors."""
@@ -475,8 +490,10 @@ systemctl enable --now {CONTAINER}.service
         return GroupStatus(sum(z.target for z in zones), sum(z.running for z in zones), zones)
 
     def resize(self, target: int, busy: set[str]) -> None:
-        """Grow to `target` VMs, or shrink by deleting idle ones; move stockouts on."""
-        target = max(0, int(target))
+        """Grow to `target` workers' VMs (a VM holds `slots`), or shrink by deleting idle
+        ones (a VM is busy while any of its workers is); move stockouts on."""
+        target = ceil_div(max(0, int(target)), self.slots)
+        busy = {b.split(".gpu", 1)[0] for b in busy}        # worker NAME.gpuSLOT -> VM NAME
         zones = self._read()
         if target == 0:                                  # drained: nothing is busy
             self._wait([self._resize(z.zone, 0) for z in zones if z.target])

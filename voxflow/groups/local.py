@@ -6,6 +6,10 @@ ended or its driver went quiet (so the group empties even when no one closes it)
 asks for it, replaced by a new one. Scale-down sends SIGTERM to idle workers only; close()
 stops all, SIGKILL after a grace period. Torch threads are split between workers.
 
+`local://auto` is one worker per GPU this machine shows (`visible_gpus`), each with its own
+`CUDA_VISIBLE_DEVICES`, the cores split between them; on a machine without one, a single
+worker with every core.
+
 With a `state_dir`, members are recorded as pid files and started in their own session, so
 the group outlives the process that started it: the next Airflow task (scale down, the
 teardown) opens the same group from the same folder.
@@ -25,6 +29,25 @@ from typing import Optional
 GRACE_SECONDS = 5.0
 
 
+def visible_gpus(env: Optional[dict] = None) -> list[str]:
+    """The GPUs workers here may use, as `CUDA_VISIBLE_DEVICES` entries: what that variable
+    lists when it is set (empty or -1: none), else one per NVIDIA device file. Cheap (no
+    CUDA, no torch): the driver and Airflow's tasks call it."""
+    env = os.environ if env is None else env
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        ids = [d.strip() for d in listed.split(",") if d.strip()]
+        return [] if not ids or ids[0].startswith("-") else ids
+    count = sum(1 for f in Path("/dev").glob("nvidia*") if f.name[6:].isdigit())
+    return [str(i) for i in range(count)]
+
+
+def local_capacity(url: str) -> int:
+    """The most workers `local://N` or `local://auto` starts here."""
+    n = url[len("local://"):]
+    return max(len(visible_gpus()), 1) if n == "auto" else int(n)
+
+
 def _alive(pid: int, wid: str) -> bool:
     """A live, non-zombie process whose command line names the worker (pids get reused)."""
     try:
@@ -39,7 +62,7 @@ class LocalGroup:
     def __init__(self, queue_url: str, kind: str, log_dir: Optional[Path] = None,
                  lease_seconds: Optional[float] = None, capacity: Optional[int] = None,
                  exit_when_idle: float = 60.0, state_dir: Optional[Path] = None,
-                 run: Optional[str] = None):
+                 run: Optional[str] = None, devices: Optional[list[str]] = None):
         self.queue_url = queue_url
         self.kind = kind
         self.run = run
@@ -48,7 +71,11 @@ class LocalGroup:
         self.capacity = capacity
         self.exit_when_idle = exit_when_idle
         self.state_dir = Path(state_dir) if state_dir else None
+        self.devices = list(devices) if devices else None   # one worker per device
+        if self.devices:
+            self.capacity = min(capacity or len(self.devices), len(self.devices))
         self.members: dict[str, int] = {}                 # worker id -> pid
+        self.device_of: dict[str, str] = {}               # worker id -> its device
         self._popen: dict[str, subprocess.Popen] = {}
         self._stopping: dict[str, float] = {}
         self.died = 0
@@ -57,7 +84,10 @@ class LocalGroup:
         if self.state_dir:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             for f in self.state_dir.glob("*.pid"):
-                self.members[f.stem] = int(f.read_text())
+                pid, *device = f.read_text().split()
+                self.members[f.stem] = int(pid)
+                if device:
+                    self.device_of[f.stem] = device[0]
 
     def _threads(self) -> int:
         """Cores split by the group's capacity, not its current size: every worker of a
@@ -79,14 +109,21 @@ class LocalGroup:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{wid}.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        device = None
+        if self.devices:
+            used = {self.device_of.get(w) for w in self.members}
+            device = next(d for d in self.devices if d not in used)
+            env["CUDA_VISIBLE_DEVICES"] = device
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, stdin=subprocess.DEVNULL,
                                 start_new_session=self.state_dir is not None)
         if out is not subprocess.DEVNULL:
             out.close()
         self.members[wid] = proc.pid
         self._popen[wid] = proc
+        if device is not None:
+            self.device_of[wid] = device
         if self.state_dir:
-            (self.state_dir / f"{wid}.pid").write_text(str(proc.pid))
+            (self.state_dir / f"{wid}.pid").write_text(f"{proc.pid} {device or ''}".strip())
 
     def _is_alive(self, wid: str) -> bool:
         proc = self._popen.get(wid)
@@ -96,6 +133,7 @@ class LocalGroup:
 
     def _forget(self, wid: str) -> None:
         self.members.pop(wid, None)
+        self.device_of.pop(wid, None)
         self._popen.pop(wid, None)
         if self.state_dir:
             (self.state_dir / f"{wid}.pid").unlink(missing_ok=True)
