@@ -104,3 +104,52 @@ def test_normalisation_mean_std(tmp_path, image):
     want = _predict(_cfg(path), scaled.astype(np.float32))   # float input: no scaling
     assert np.abs(got - want).max() < 1e-6
     assert np.abs(got - _predict(_cfg(path), image)).max() > 1e-3
+
+
+def test_a_compiled_model_predicts_as_the_eager_one_and_caches_its_kernels(
+        tmp_path, image, voxflow_home):
+    """model.compile: torch.compile for the run's batch (shorter batches padded: one
+    shape, no recompile), the kernels cached per model digest, the first forward's time
+    reported as compile_seconds."""
+    (tmp_path / "net.py").write_text("from conftest import SmallConv\n\n\n"
+                                     "def build_model():\n    return SmallConv()\n")
+    cfg = _cfg(tmp_path / "net.py", compile=True)
+    eager = SlidingWindow(Model(_cfg(tmp_path / "net.py")), PATCH, PATCH, [3, 3, 2], 4)(image)
+    model = Model(cfg, batch_size=4)
+    assert model.static_batch == 4 and model.compile_seconds is None
+    assert model.warm_up(1) > 0 and model.compile_seconds > 0
+    window = SlidingWindow(model, PATCH, PATCH, [3, 3, 2], 4)
+    assert len(window.patches(image.shape[1:])) % 4          # a short last batch
+    got = window(image)
+    assert torch.allclose(got, eager, atol=1e-5)
+    cache = voxflow_home / "compile" / model.digest.split(":")[-1][:16]
+    assert any(cache.rglob("*")), "no compiled kernels were cached"
+
+
+def test_torchscript_cannot_be_compiled(tmp_path):
+    torch.jit.script(SmallConv().eval()).save(str(tmp_path / "m.pt"))
+    with pytest.raises(ConfigError, match="model.compile"):
+        Model(_cfg(tmp_path / "m.pt", compile=True))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_autocast_runs_only_on_cuda_in_the_precision_asked():
+    from voxflow.models import autocast_for
+    cuda = torch.device("cuda")
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        ctx = autocast_for(cuda, precision)
+        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == dtype
+        assert ctx.device == "cuda"
+    assert not isinstance(autocast_for(cuda, "fp32"), torch.autocast)
+    assert not isinstance(autocast_for(torch.device("cpu"), "bf16"), torch.autocast)
+
+
+def test_channels_last_batches_predict_the_same(tmp_path, image, reference):
+    """The CUDA layout (channels_last_3d batches), forced on the CPU: same predictions."""
+    path = tmp_path / "m.pt"
+    torch.jit.script(SmallConv().eval()).save(str(path))
+    model = Model(_cfg(path))
+    assert not model.channels_last                          # CPU: contiguous
+    model.channels_last = True
+    got = SlidingWindow(model, PATCH, PATCH, [3, 3, 2], 4)(image).numpy()
+    assert np.abs(got - reference).max() < 1e-6

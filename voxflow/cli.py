@@ -201,6 +201,8 @@ def _bench_model(config, args) -> None:
     print(f"inference throughput: {m['throughput'] / 1e6:.4g} Mvox/s per worker "
           f"({m['patches']} patches in {m['seconds']:.1f} s on {m['device']}, "
           f"{m['precision']}; a whole chunk is {m['chunk_patches']} patches)")
+    if m["compile_seconds"] is not None:
+        print(f"compile: {m['compile_seconds']:.1f} s (first forward; not in the throughput)")
     print(f"put it in the config:  cost: {{throughput: {{inference: {m['throughput']:.4g}}}}}")
 
 
@@ -232,8 +234,10 @@ def _worker(args) -> int:
     queue = open_queue(args.queue, lease_seconds=args.lease_seconds)
     from .stages import stage_kind
     kinds = sorted({stage_kind(k) for k in args.kinds}) if args.kinds else None
-    worker = Worker(queue, StageCache(queue), kinds, args.worker_id, args.lease_seconds,
+    stages = StageCache(queue)
+    worker = Worker(queue, stages, kinds, args.worker_id, args.lease_seconds,
                     prefetch=not args.no_prefetch, runs=args.runs)
+    stages.log = worker.log                     # model_loaded: warm-up and compile times
     stop_on_signals(worker.stop)
     worker.run(args.exit_when_idle)
     code = 0

@@ -88,6 +88,16 @@ class ModelConfig(_Section):
     output_channels: PositiveInt = Field(description="Channels the model outputs.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast precision on CUDA; the CPU always runs fp32.")
+    compile: bool = Field(False, description="torch.compile the model (.py or .pt2) for the "
+                          "run's batch size, Inductor's kernels cached per model digest "
+                          "under $VOXFLOW_HOME/compile (a worker's first forward pays the "
+                          "compile, logged as model_loaded compile_seconds; later starts "
+                          "reuse it); shorter batches are padded.")
+    cudnn_benchmark: bool = Field(False, description="On CUDA, let cuDNN time its conv "
+                                  "algorithms and keep the fastest (torch.backends.cudnn."
+                                  "benchmark): faster, but the choice may differ between "
+                                  "workers, so outputs are no longer bit-identical across "
+                                  "workers and reruns.")
     normalize: Normalize = Field(default_factory=Normalize)
 
     @field_validator("path", "weights")

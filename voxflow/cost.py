@@ -472,7 +472,8 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
     from .pipeline import plan
     from .volume import Volume
     p = plan(config)
-    model = Model(config.model, pick_device(config.inference.device))
+    model = Model(config.model, pick_device(config.inference.device), config.inference.batch_size)
+    warm_up = model.warm_up(p.input_channels)
     grid = ChunkGrid(p.bbox, config.inference.chunk, config.margin, origin=p.input_bounds.start)
     index = grid.index([n // 2 for n in grid.counts])
     read = _CropReads(replace(p, grid=grid)).read_box(index)
@@ -505,5 +506,6 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
             "patches": done, "seconds": took, "patches_per_second": per_second,
             "chunk_patches": chunk_patches(config), "device": str(model.device),
             "precision": config.model.precision if model.device.type == "cuda" else "fp32",
+            "warm_up_seconds": warm_up, "compile_seconds": model.compile_seconds,
             "read_box": [list(read.start), list(read.stop)],
             "input_dtype": str(np.dtype(source.dtype))}

@@ -1,8 +1,8 @@
 """Loading ConvNets: torch.export programs, TorchScript files, or a Python file plus weights.
 
 `Model` hides the format: it takes a (n, c, z, y, x) float32 batch on its device and returns a
-float32 batch, padding the batch when an exported program was traced with a static batch size,
-and autocasting to bf16/fp16 on CUDA.
+float32 batch, padding the batch when an exported program was traced with a static batch size
+(or compiled for one), and autocasting to bf16/fp16 on CUDA with channels_last_3d.
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import contextlib
 import hashlib
 import inspect
 import io
+import os
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, voxflow_home
 from .identity import digest_model_bytes, read_model_files
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
@@ -57,6 +59,24 @@ def to_host(t: torch.Tensor) -> Callable[[], np.ndarray]:
 
 
 _copy_streams: dict = {}
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context of a precision: bf16/fp16 on CUDA; fp32, and anything on the
+    CPU, runs as is (CPU autocast is slower for 3D convs and changes the results)."""
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if device.type == "cuda" and amp is not None:
+        return torch.autocast("cuda", dtype=amp)
+    return contextlib.nullcontext()
+
+
+def _compiled(net: torch.nn.Module, digest: str) -> torch.nn.Module:
+    """torch.compile for one static shape, Inductor's cache kept per model digest (a
+    worker's later starts, and other workers on the machine, reuse the kernels)."""
+    cache = voxflow_home() / "compile" / digest.split(":")[-1][:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    return torch.compile(net, dynamic=False)
 
 
 def _static_batch(program: torch.export.ExportedProgram) -> Optional[int]:
@@ -112,7 +132,9 @@ def _load_python(cfg: ModelConfig, source: bytes, weights: Optional[bytes]) -> t
 class Model:
     """A loaded ConvNet on one device."""
 
-    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu",
+                 batch_size: Optional[int] = None):
+        """`batch_size`: the batch it will run at; a compiled model is specialised to it."""
         self.config = cfg
         self.device = torch.device(device)
         path = Path(cfg.path)
@@ -139,13 +161,20 @@ class Model:
         else:
             raise ConfigError("model.path", f"unknown model format {path.suffix!r}: use .pt2, "
                               f"{', '.join(TORCHSCRIPT_SUFFIXES)} or .py")
-        self._channels_last = on_cuda
+        self.channels_last = on_cuda
+        if on_cuda:
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         if on_cuda and isinstance(self._net, torch.nn.Module):
             with contextlib.suppress(Exception):
                 self._net = self._net.to(memory_format=torch.channels_last_3d)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self._autocast = (torch.autocast("cuda", dtype=amp) if on_cuda and amp
-                          else contextlib.nullcontext())
+        self._autocast = autocast_for(self.device, cfg.precision)
+        self.compile_seconds: Optional[float] = None
+        if cfg.compile:
+            if isinstance(self._net, torch.jit.ScriptModule):
+                raise ConfigError("model.compile", "torch.compile needs a .py or .pt2 model, "
+                                  f"not TorchScript ({path.name})")
+            self._net = _compiled(self._net, self.digest)
+            self.static_batch = self.static_batch or batch_size or 1
         self._mean, self._std = cfg.normalize.mean, cfg.normalize.std
 
     def normalize(self, image: np.ndarray) -> torch.Tensor:
@@ -172,13 +201,27 @@ class Model:
                                  f"{self.static_batch}")
             pad = batch.new_zeros((self.static_batch - n, *batch.shape[1:]))
             batch = torch.cat([batch, pad])
-        if self._channels_last:
+        if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
         with self._autocast:
             out = self._net(batch)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out[:n].float()
+
+    def warm_up(self, input_channels: int) -> float:
+        """One forward of a zero batch, timed: a compiled model compiles here (the time is
+        `compile_seconds`), cuDNN picks its kernels, and the first task is not slower."""
+        batch = torch.zeros((self.static_batch or 1, input_channels,
+                             *reversed(self.config.input_patch)), device=self.device)
+        t0 = time.perf_counter()
+        self(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        if self.config.compile:
+            self.compile_seconds = seconds
+        return seconds
 
     def check(self, input_channels: int) -> None:
         """Run one zero patch and refuse a model whose output is not as the config declares."""

@@ -63,7 +63,8 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
             raise ConfigError("inference.margin", f"{config.margin} is smaller than the "
                               f"model's patch margin {config.model.patch_margin} along {axis}")
     if model is not None or check_model:
-        (model or Model(config.model, "cpu")).check(source.num_channels)
+        eager = config.model.model_copy(update={"compile": False})   # a check: no compile
+        (model or Model(eager, "cpu")).check(source.num_channels)
     voxel_bytes = config.model.output_channels * np.dtype(config.output_dtype).itemsize
     shards, shard_bytes = _shard_shapes(config, bounds, voxel_bytes)
     _check_existing_output(config, bounds, source.resolution, shards)

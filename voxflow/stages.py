@@ -68,7 +68,8 @@ class InferenceStage:
     def __init__(self, p: Plan, model: Optional[Model] = None):
         self.plan = p
         cfg = p.config
-        self.model = model or Model(cfg.model, pick_device(cfg.inference.device))
+        self.model = model or Model(cfg.model, pick_device(cfg.inference.device),
+                                    cfg.inference.batch_size)
         self.window = SlidingWindow(self.model, cfg.model.input_patch, cfg.model.output_patch,
                                     cfg.inference.patch_overlap, cfg.inference.batch_size,
                                     cfg.inference.weighting)
@@ -346,8 +347,9 @@ class StageCache:
     runs only (a worker serving many runs must not keep every model).
     """
 
-    def __init__(self, queue, keep: int = 2):
+    def __init__(self, queue, keep: int = 2, log: Optional[Callable[..., None]] = None):
         self._queue = queue
+        self.log = log
         self._keep = keep
         self._runs: dict[str, tuple[Plan, dict[str, Stage]]] = {}
         self._lock = threading.Lock()
@@ -361,16 +363,22 @@ class StageCache:
                     self._runs.pop(next(iter(self._runs)))
             p, stages = self._runs[run]
             if name not in stages:
-                model = self._model(run, p.config) if stage_kind(name) == "inference" else None
+                model = self._model(run, p) if stage_kind(name) == "inference" else None
                 stages[name] = build_stage(p, name, run, model)
             return stages[name]
 
-    def _model(self, run: str, config: RunConfig) -> Model:
-        model = Model(config.model, pick_device(config.inference.device))
+    def _model(self, run: str, p: Plan) -> Model:
+        config = p.config
+        model = Model(config.model, pick_device(config.inference.device),
+                      config.inference.batch_size)
         state = self._queue.run_state(run)
         planned = (state.meta if state else {}).get("model_digest")
         if planned and model.digest != planned:
             raise ModelChanged(f"model.path: {config.model.path} changed since run {run} was "
                                f"planned (planned {planned[:19]}, found {model.digest[:19]}): "
                                "run again, which starts a new run for the new model")
+        seconds = model.warm_up(p.input_channels)
+        if self.log:
+            self.log("model_loaded", run=run, digest=model.digest, device=str(model.device),
+                      warm_up_seconds=round(seconds, 3), compile_seconds=model.compile_seconds)
         return model
