@@ -8,14 +8,17 @@ A GPU holds no CPU while it computes. The stand-in accelerator here does the sam
 model whose forward sleeps voxels / R seconds (time.sleep releases the GIL) and then applies
 a fixed pointwise map to 3 channels, sigmoid(w x + b) by broadcasting (not a 1x1x1 Conv3d:
 on torch's CPU build that costs ~35x more, 0.14 s per 4 patches of 128x128x32, which would
-make this a CPU benchmark). R is set per mode so that the inference
-stage's compute alone takes about as long as its write alone (or given with --rate).
+make this a CPU benchmark). R is set per mode so that the accelerator is as fast as the
+writer: all its sleeps together last as long as the stage's write alone (measured first), or
+R is given with --rate. Compute alone is then that plus the CPU part that a GPU would do on
+the device (SlidingWindow's patch copies, the pointwise map, weighting, normalisation, uint8
+conversion): on this CPU it can be larger than the write itself.
 
 Per blend mode (crop, overlap), on one uint8 file:// input layer (a synthetic EM tile,
 tiled), 3-channel uint8 output:
   read      sum of stage.load over every task, one after another
-  compute   sum of stage.compute over every task, inputs preloaded (sleep + the CPU part:
-            SlidingWindow's patch copies, the conv, weighting, normalisation, uint8)
+  compute   sum of stage.compute over every task, inputs preloaded: the sleeps + the CPU
+            part (printed: compute - sleeps)
   write     sum of stage.write of the precomputed outputs, to a fresh output layer
             (overlap mode: the exclusive region and the float32 partial sums of the bands)
   end2end   a real Worker over a real SQLite queue in this process, as `local://0` runs
@@ -23,10 +26,11 @@ tiled), 3-channel uint8 output:
             built by `StageCache` (plan + model load timed apart: a per-run cost), then
             `Worker.run(exit_when_idle=0)` until every task is acked; its own output layer
 Ratios: end2end / max(read, compute, write) (target <= 1.2) and end2end / sum. CPU seconds
-(process CPU time, all threads) of every part say how much of the 2 cores each needs: on a
-CPU-only machine reads and writes of file:// layers are CPU work, so (read + compute +
-write CPU seconds) / cores is a floor for end2end whatever the pipeline does. Inside the
-pipeline each phase is timed again (wall and its thread's CPU time), against alone.
+(process CPU time, all threads; system time apart) of every part say how much of the cores
+each needs: on a CPU-only machine reads and writes of file:// layers are CPU work, so
+(read + compute + write CPU seconds) / cores is a floor for end2end whatever the pipeline
+does. Inside the pipeline each phase is timed again (wall seconds, and its own thread's CPU
+seconds: torch's intra-op threads are not the compute thread's), against alone.
 
 Then the write path's encoding on one core: raw (cloud-volume's Fortran-order copy, what a
 file:// chunk costs: voxflow writes file:// chunks uncompressed), gzip through libdeflate at
@@ -46,7 +50,9 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +62,11 @@ from pathlib import Path
 import numpy as np
 
 RATE_ENV = "VOXFLOW_BENCH_RATE"
+# glibc: one arena, no dynamic mmap threshold (blocks up to 32 MiB from the heap), never
+# trim: the tensors SlidingWindow allocates per batch reuse pages instead of faulting in
+# fresh ones (see RESULTS.md); an experiment, not what a worker runs with
+TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                "MALLOC_TRIM_THRESHOLD_": str(8 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
 MODEL = '''
 import os
 import time
@@ -110,6 +121,21 @@ def make_input(root: Path, size: list[int]) -> str:
     return url
 
 
+def emulate_gs_gzip() -> None:
+    """--gzip: output chunks gzip-compressed as on gs:// (cloud-volume's default for raw
+    chunks: gzip, level 9 whatever `compress_level` says) although the layers are file://:
+    the write path's encoding CPU without a network. Patches `voxflow.volume._open` in this
+    process only (voxflow itself writes file:// chunks uncompressed)."""
+    import voxflow.volume as volume
+    plain = volume._open
+
+    def _open(url, mip, fill_missing=True):
+        cv = plain(url, mip, fill_missing)
+        cv.config.compress = None                 # cloud-volume's default: gzip for raw
+        return cv
+    volume._open = _open
+
+
 def config(root: Path, args, mode: str, output: str):
     from voxflow.config import parse_config
     return parse_config({
@@ -129,13 +155,28 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def each(fn, n: int) -> tuple[float, float, list]:
-    """fn(i) for every task, one after another: (wall seconds, process CPU seconds, results)."""
-    out = []
-    c0, t0 = time.process_time(), time.perf_counter()
+class Clock:
+    """Wall, process CPU (user + system) and system seconds, and minor page faults, since it
+    was made."""
+
+    def __init__(self):
+        self.t, self.times = time.perf_counter(), os.times()
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def read(self) -> dict:
+        now = os.times()
+        user, system = now.user - self.times.user, now.system - self.times.system
+        return {"seconds": time.perf_counter() - self.t, "cpu_seconds": user + system,
+                "system_seconds": system,
+                "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults}
+
+
+def each(fn, n: int) -> tuple[dict, list]:
+    """fn(i) for every task, one after another: (`Clock` figures, results)."""
+    out, clock = [], Clock()
     for i in range(n):
         out.append(fn(i))
-    return time.perf_counter() - t0, time.process_time() - c0, out
+    return clock.read(), out
 
 
 def patch_count(stage, index: int, image_shape) -> int:
@@ -190,65 +231,88 @@ def timed_queue(queue) -> dict:
     return spent
 
 
+def fastest(samples: list[dict]) -> dict:
+    """The repeat with the least wall time (others' load on a shared machine only adds),
+    with every repeat's seconds."""
+    best = dict(min(samples, key=lambda f: f["seconds"]))
+    best["all_seconds"] = [round(f["seconds"], 3) for f in samples]
+    return best
+
+
+def remove_layer(root: Path, name: str) -> int:
+    """Delete an output layer and its temporary folder; returns the bytes they held."""
+    held = du(root / name) + du(root / f"{name}.voxflow-tmp")
+    shutil.rmtree(root / name, ignore_errors=True)
+    shutil.rmtree(root / f"{name}.voxflow-tmp", ignore_errors=True)
+    return held
+
+
 def parts(root: Path, args, mode: str) -> tuple[dict, list]:
-    """read, compute and write alone; returns figures and a few output storage chunks."""
+    """read, compute and write alone (each `--repeat` times: the fastest counts); returns
+    figures and a few output storage chunks."""
     from voxflow.models import Model
     from voxflow.pipeline import create_layers, plan
     from voxflow.stages import build_stage
     os.environ[RATE_ENV] = "inf"
-    cfg = config(root, args, mode, f"{mode}-parts")
+    cfg = config(root, args, mode, f"{mode}-probe")
     p = plan(cfg)                                     # checks the model (no sleep: rate inf)
     create_layers(p)
-    stage = build_stage(p, "inference", f"{mode}-parts", Model(cfg.model, "cpu"))
+    model = Model(cfg.model, "cpu")
+    stage = build_stage(p, "inference", f"{mode}-probe", model)
     n = len(stage)
     stage.compute(0, stage.load(0))                   # warm-up: allocator, lazy init, caches
-    t_read, c_read, loaded = each(stage.load, n)
+    reads = []
+    for _ in range(args.repeat):
+        loaded = None
+        fig, loaded = each(stage.load, n)
+        reads.append(fig)
     patches = sum(patch_count(stage, i, loaded[i].shape) for i in range(n))
-    t_cpu, _, outputs = each(lambda i: stage.compute(i, loaded[i]), n)   # rate inf: no sleep
+    first, outputs = each(lambda i: stage.compute(i, loaded[i]), n)   # rate inf: no sleep
     patch_voxels = int(np.prod(args.patch))
     if args.rate:
         rate = args.rate
-    else:   # the sleep that makes compute alone as long as a write alone (measured first)
-        t_probe, _, _ = each(lambda i: stage.write(i, outputs[i]), n)
-        sleep = max(t_probe - t_cpu, 0.05 * t_probe)
-        rate = patches * patch_voxels / sleep
-    del outputs
+    else:   # the accelerator as fast as the writer: asleep as long as a write alone takes
+        probe, _ = each(lambda i: stage.write(i, outputs[i]), n)
+        rate = patches * patch_voxels / probe["seconds"]
+    remove_layer(root, f"{mode}-probe")
     os.environ[RATE_ENV] = repr(rate)
-    gc.collect()
-    t_compute, c_compute, outputs = each(lambda i: stage.compute(i, loaded[i]), n)
+    computes = []
+    for _ in range(args.repeat):
+        outputs = None
+        gc.collect()
+        fig, outputs = each(lambda i: stage.compute(i, loaded[i]), n)
+        computes.append(fig)
     del loaded
     gc.collect()
-    # write alone: a fresh layer (the probe above wrote into `-parts`)
-    wcfg = config(root, args, mode, f"{mode}-write")
-    wp = plan(wcfg, check_model=False)
-    create_layers(wp)
-    wstage = build_stage(wp, "inference", f"{mode}-write", stage.model)
-    t_write, c_write, _ = each(lambda i: wstage.write(i, outputs[i]), n)
+    writes = []
+    for r in range(args.repeat):                      # each to a fresh layer
+        wcfg = config(root, args, mode, f"{mode}-write{r}")
+        wp = plan(wcfg, check_model=False)
+        create_layers(wp)
+        wstage = build_stage(wp, "inference", f"{mode}-write{r}", model)
+        fig, _ = each(lambda i: wstage.write(i, outputs[i]), n)
+        fig["bytes"] = remove_layer(root, f"{mode}-write{r}")
+        writes.append(fig)
     sample = codec_sample(outputs, args) if mode == "crop" else []
     del outputs
     gc.collect()
-    written = du(root / f"{mode}-write") + du(root / f"{mode}-write.voxflow-tmp")
-    for name in (f"{mode}-parts", f"{mode}-write"):
-        shutil.rmtree(root / name, ignore_errors=True)
-        shutil.rmtree(root / f"{name}.voxflow-tmp", ignore_errors=True)
+    compute = fastest(computes)
+    compute["first_pass_no_sleep"] = first            # the calibration pass, at rate inf
     fig = {"tasks": n, "patches": patches, "rate_vox_per_s": rate,
-           "sleep_seconds": patches * patch_voxels / rate,
-           "output_vox": p.bbox.size,
-           "read": {"seconds": t_read, "cpu_seconds": c_read},
-           "compute": {"seconds": t_compute, "cpu_seconds": c_compute,
-                       "cpu_part_seconds": t_cpu},
-           "write": {"seconds": t_write, "cpu_seconds": c_write, "bytes": written}}
+           "sleep_seconds": patches * patch_voxels / rate, "output_vox": p.bbox.size,
+           "read": fastest(reads), "compute": compute, "write": fastest(writes)}
     return fig, sample
 
 
-def end_to_end(root: Path, args, mode: str) -> dict:
+def end_to_end(root: Path, args, mode: str, repeat: int) -> dict:
     from voxflow.queues import open_queue
     from voxflow.runner import publish_stage, queue_options, register
     from voxflow.pipeline import plan
     from voxflow.stages import StageCache
     from voxflow.worker import JsonLog, Worker
-    cfg = config(root, args, mode, f"{mode}-e2e")
-    run_id = f"bench-{mode}"
+    name = f"{mode}-e2e{repeat}"
+    cfg = config(root, args, mode, name)
+    run_id = f"bench-{name}"
     t0 = time.perf_counter()
     p = plan(cfg)
     register(cfg, p, run_id)                           # output layer + the run in the queue
@@ -264,13 +328,13 @@ def end_to_end(root: Path, args, mode: str) -> dict:
     t_setup = time.perf_counter() - t0
     phases = Phases(stage)
     spent = timed_queue(queue)
-    log = open(root / f"worker-{mode}.log", "w")
-    worker = Worker(queue, cache, ["inference"], worker_id=f"bench-{mode}", runs=[run_id],
-                    log=JsonLog(f"bench-{mode}", log))
+    log = open(root / f"worker-{name}.log", "w")
+    worker = Worker(queue, cache, ["inference"], worker_id=run_id, runs=[run_id],
+                    log=JsonLog(run_id, log))
     gc.collect()
-    c0, t0 = time.process_time(), time.perf_counter()
+    clock = Clock()
     done = worker.run(exit_when_idle=0)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    e2e = clock.read()
     worker.shutdown()
     log.close()
     stats = queue.stats(run_id)["inference"]
@@ -278,16 +342,10 @@ def end_to_end(root: Path, args, mode: str) -> dict:
         raise RuntimeError(f"{mode}: the worker did {done} of {len(stage)} tasks ({stats})")
     queue.end_run(run_id, "succeeded")
     queue.close()
-    written = du(root / f"{mode}-e2e") + du(root / f"{mode}-e2e.voxflow-tmp")
-    shutil.rmtree(root / f"{mode}-e2e", ignore_errors=True)
-    shutil.rmtree(root / f"{mode}-e2e.voxflow-tmp", ignore_errors=True)
-    inside = phases.summary()
-    # the first compute can start only after the first load; the last write ends the stage:
-    calls = phases.calls
-    first_load = min(calls["load"])[1] - t0 if calls["load"] else 0.0
-    return {"seconds": wall, "cpu_seconds": cpu, "publish_seconds": t_publish,
-            "setup_seconds": t_setup, "bytes": written, "inside": inside,
-            "first_load_seconds": first_load,
+    written = remove_layer(root, name)
+    return {**e2e, "publish_seconds": t_publish, "setup_seconds": t_setup, "bytes": written,
+            "inside": phases.summary(),
+            "first_load_seconds": min(phases.calls["load"])[1] - clock.t,
             "queue_seconds": {k: sum(v) for k, v in spent.items()},
             "queue_calls": {k: len(v) for k, v in spent.items()}}
 
@@ -364,13 +422,29 @@ def main() -> None:
                     "second (default: set per mode so compute alone ~ write alone)")
     ap.add_argument("--modes", nargs="+", default=["crop", "overlap"],
                     choices=["crop", "overlap"])
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: a thread driving a GPU holds "
+                    "about one core; 0: torch's default, one per core)")
+    ap.add_argument("--tune-malloc", action="store_true",
+                    help="rerun under glibc malloc settings that keep freed memory "
+                    f"({' '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())})")
+    ap.add_argument("--gzip", action="store_true",
+                    help="write output chunks gzipped, as on gs:// (emulated on file://)")
     ap.add_argument("--codec-chunks", type=int, default=32,
                     help="storage chunks the codec timings encode")
+    ap.add_argument("--repeat", type=int, default=2, help="times each part and end2end "
+                    "run; the fastest counts (others' load only adds)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    if args.tune_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
 
     import torch
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)      # the worker's threads use this too
+    if args.gzip:
+        emulate_gs_gzip()
     root = Path(tempfile.mkdtemp(prefix="voxflow-bench-pipeline-"))
     os.environ["VOXFLOW_HOME"] = str(root / "home")
     (root / "standin.py").write_text(MODEL)
@@ -381,18 +455,23 @@ def main() -> None:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "size": args.size, "chunk": args.chunk, "storage_chunk": args.storage_chunk,
             "patch": args.patch, "overlap": args.overlap, "batch": args.batch,
+            "output_chunks": "gzip (gs:// emulated)" if args.gzip else "raw (file://)",
+            "malloc": {k: os.environ[k] for k in TUNED_MALLOC if k in os.environ},
+            "repeat": args.repeat,
             "modes": {}}
     print(f"machine {figs['machine']}; torch {torch.__version__}, "
-          f"{figs['torch_threads']} threads")
+          f"{figs['torch_threads']} threads; best of {args.repeat}"
+          + (f"; malloc {figs['malloc']}" if figs["malloc"] else ""))
     print(f"volume {args.size}, chunk {args.chunk}, storage chunk {args.storage_chunk}, "
           f"patch {args.patch}, overlap {args.overlap}, batch {args.batch}; uint8 in, "
-          f"3 x uint8 out, file://")
+          f"3 x uint8 out, file://, output chunks {figs['output_chunks']}")
     sample = []
     try:
         for mode in args.modes:
             fig, s = parts(root, args, mode)
             sample = sample or s
-            fig["end_to_end"] = end_to_end(root, args, mode)
+            fig["end_to_end"] = fastest([end_to_end(root, args, mode, r)
+                                         for r in range(args.repeat)])
             secs = {k: fig[k]["seconds"] for k in ("read", "compute", "write")}
             e2e = fig["end_to_end"]["seconds"]
             cpu_sum = sum(fig[k]["cpu_seconds"] for k in ("read", "compute", "write"))
@@ -416,27 +495,30 @@ def main() -> None:
 
 
 def print_mode(mode: str, fig: dict) -> None:
-    e = fig["end_to_end"]
-    vox = fig["output_vox"]
-    print(f"\n{mode}: {fig['tasks']} tasks, {fig['patches']} patches, stand-in rate "
-          f"{fig['rate_vox_per_s'] / 1e6:.1f} Mvox/s of input ({fig['sleep_seconds']:.2f} s "
-          f"asleep in all)")
-    print(f"  {'part':<10} {'seconds':>8} {'CPU s':>7} {'Mvox/s':>8}   inside the pipeline: "
-          f"seconds (thread CPU s)")
-    inside = e["inside"]
+    e, vox, inside = fig["end_to_end"], fig["output_vox"], fig["end_to_end"]["inside"]
+    print(f"\n{mode}: {fig['tasks']} tasks, {fig['patches']} patches; stand-in "
+          f"{fig['rate_vox_per_s'] / 1e6:.1f} Mvox/s of input, asleep "
+          f"{fig['sleep_seconds']:.2f} s in all")
+    print(f"  {'':<9} {'seconds':>8} {'CPU s':>7} {'(sys)':>6} {'out Mvox/s':>10} | "
+          f"{'in pipeline s':>13} {'thread CPU s':>12}   every repeat's s")
     for part, phase in (("read", "load"), ("compute", "compute"), ("write", "write")):
-        f = fig[part]
-        extra = f" (CPU part alone {f['cpu_part_seconds']:.2f} s)" if part == "compute" else ""
-        print(f"  {part:<10} {f['seconds']:8.2f} {f['cpu_seconds']:7.2f} "
-              f"{vox / f['seconds'] / 1e6:8.2f}   {inside[phase]['seconds']:7.2f} "
-              f"({inside[phase]['thread_cpu_seconds']:.2f}){extra}")
-    print(f"  {'end2end':<10} {e['seconds']:8.2f} {e['cpu_seconds']:7.2f} "
-          f"{vox / e['seconds'] / 1e6:8.2f}   (register + publish {e['publish_seconds']:.2f} s, "
-          f"stage setup {e['setup_seconds']:.2f} s, not counted; queue calls "
-          f"{sum(e['queue_seconds'].values()):.2f} s)")
-    print(f"  end2end / max(read, compute, write) = {fig['over_max']:.2f}  (target <= 1.2);"
-          f"  end2end / sum = {fig['over_sum']:.2f};  CPU floor (CPU s / cores) "
-          f"{fig['cpu_floor_seconds']:.2f} s")
+        f, i = fig[part], inside[phase]
+        print(f"  {part:<9} {f['seconds']:8.2f} {f['cpu_seconds']:7.2f} "
+              f"{f['system_seconds']:6.2f} {vox / f['seconds'] / 1e6:10.2f} | "
+              f"{i['seconds']:13.2f} {i['thread_cpu_seconds']:12.2f}   {f['all_seconds']}")
+    print(f"  {'end2end':<9} {e['seconds']:8.2f} {e['cpu_seconds']:7.2f} "
+          f"{e['system_seconds']:6.2f} {vox / e['seconds'] / 1e6:10.2f} | "
+          f"{'':>26}   {e['all_seconds']}")
+    print(f"  compute = {fig['sleep_seconds']:.2f} s asleep + "
+          f"{fig['compute']['seconds'] - fig['sleep_seconds']:.2f} s CPU part; minor page "
+          f"faults: read {fig['read']['page_faults']}, compute {fig['compute']['page_faults']}"
+          f", write {fig['write']['page_faults']}, end2end {e['page_faults']}")
+    print(f"  not in end2end: register + publish {e['publish_seconds']:.2f} s, stage setup "
+          f"{e['setup_seconds']:.2f} s; in it: first load {e['first_load_seconds']:.2f} s, "
+          f"queue calls {sum(e['queue_seconds'].values()):.2f} s")
+    print(f"  end2end / max(read, compute, write) = {fig['over_max']:.2f} (target <= 1.2); "
+          f"end2end / sum = {fig['over_sum']:.2f}; CPU floor (CPU s / cores) "
+          f"{fig['cpu_floor_seconds']:.2f} s = {fig['cpu_floor_seconds'] / max(fig[k]['seconds'] for k in ('read', 'compute', 'write')):.2f} x max")
 
 
 def print_codecs(c: dict) -> None:

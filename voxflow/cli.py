@@ -138,6 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from . import pipeline
     from .runner import RunFailed as RunFailedError
+    if args.command in ("worker", "run", "demo", "bench-model"):     # they run the model
+        from .worker import keep_freed_memory
+        keep_freed_memory()
     try:
         if args.command == "demo":
             from .demo.run import run_demo
@@ -175,8 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "bench-model":
             _bench_model(config, args)
         elif args.command == "run":
-            from .runner import run
-            summary = run(config, TqdmReporter(not args.quiet), args.run_id)
+            summary = _run(config, args)
             for s in summary.stages:
                 print(f"{s.name}: {s.tasks} tasks ({s.skipped} already done) in "
                       f"{s.seconds:.1f} s")
@@ -190,6 +192,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"voxflow: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run(config, args):
+    """`voxflow run`. A local inference group starts before anything heavy is imported, so
+    its workers' start (imports, torch) overlaps the driver's (imports, plan): a small
+    run's start-up is about one process start, not two in a row. A run that fails to plan
+    stops them again."""
+    from .groups import open_stage_group
+    from .identity import run_identity
+    started, run_id = {}, args.run_id
+    if config.workers.inference.group.startswith("local://"):
+        try:
+            run_id = run_id or run_identity(config).run_id(config.output)
+        except Exception:              # plan says what is wrong, naming the field
+            pass
+        else:
+            group = open_stage_group(config, "inference", run_id)
+            if group is not None:
+                group.resize(max(1, config.workers.inference.min), set())
+                started["inference"] = group
+    try:
+        from .runner import run
+        return run(config, TqdmReporter(not args.quiet), run_id, started=started)
+    finally:
+        for group in started.values():            # not taken over by a stage
+            group.close()
 
 
 def _bench_model(config, args) -> None:

@@ -24,7 +24,7 @@ from typing import Optional, Protocol
 from .temporary import TemporaryStore, temporary_url
 from .config import RunConfig, voxflow_home
 from .cost import bill, spent
-from .groups import Autoscaler, open_group
+from .groups import Autoscaler, WorkerGroup, open_stage_group
 from .messages import encode
 from .identity import run_identity
 from .pipeline import Plan, create_layers, plan
@@ -107,7 +107,11 @@ def queue_options(config: RunConfig) -> dict:
 
 
 def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional[str] = None,
-        poll_seconds: float = 0.2) -> RunSummary:
+        poll_seconds: float = 0.2, started: Optional[dict[str, WorkerGroup]] = None
+        ) -> RunSummary:
+    """`started`: groups already started for this run (by kind; see `start_early`), which
+    the first stage of their kind takes over (and closes, as any stage's group)."""
+    started = started if started is not None else {}
     p = plan(config)
     run_id, meta = register(config, p, run_id)
     queue = open_queue(config.queue.url, **queue_options(config))
@@ -120,7 +124,7 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
     try:
         for name in stage_names(p):
             summary.stages.append(_run_stage(config, p, queue, run_id, name, reporter,
-                                             poll_seconds))
+                                             poll_seconds, started.pop(stage_kind(name), None)))
         queue.finish(run_id)
         ended = "succeeded"
     except KeyboardInterrupt:
@@ -165,7 +169,8 @@ def heartbeat(queue: TaskQueue, run_id: str, p: Plan) -> None:
         publish_stage(queue, run_id, p, name)
 
 
-def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageSummary:
+def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds,
+               group: Optional[WorkerGroup] = None) -> StageSummary:
     t0 = time.perf_counter()
     kind = stage_kind(name)
     skipped = publish_stage(queue, run_id, p, name)
@@ -174,9 +179,7 @@ def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds) -> StageS
         reporter.start(name, stats.total, skipped)
     workers = getattr(config.workers, kind)
     log_dir = voxflow_home() / "logs" / run_id
-    group = open_group(workers.group, queue.url, kind, gce=workers.gce, run=run_id,
-                       log_dir=log_dir, lease_seconds=config.queue.lease_seconds,
-                       capacity=workers.max)
+    group = group or open_stage_group(config, kind, run_id)
     inline: Optional[Worker] = None
     thread: Optional[threading.Thread] = None
     if group is None:                              # local://0: this process works the queue

@@ -57,6 +57,15 @@ class ExternalGroup:
         pass
 
 
+def open_stage_group(config, kind: str, run: str) -> Optional[WorkerGroup]:
+    """The group a run's (`RunConfig`) stages of `kind` run on, as the driver opens it."""
+    from ..config import voxflow_home
+    workers = getattr(config.workers, kind)
+    return open_group(workers.group, config.queue.url, kind, gce=workers.gce, run=run,
+                      log_dir=voxflow_home() / "logs" / run,
+                      lease_seconds=config.queue.lease_seconds, capacity=workers.max)
+
+
 def open_group(url: str, queue_url: str, kind: str, gce=None, run: Optional[str] = None,
                **options) -> Optional[WorkerGroup]:
     """The group for `url`; None for local://0 (the driver works the queue itself).
