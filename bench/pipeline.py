@@ -5,17 +5,20 @@ write (write-behind, one task behind), each on its own thread (`voxflow.worker.W
 If the pipeline works, a stage takes about as long as its slowest part, not the sum.
 
 A GPU holds no CPU while it computes. The stand-in accelerator here does the same: a .py
-model whose forward sleeps voxels / R seconds (time.sleep releases the GIL) and then applies
-a fixed pointwise map to 3 channels, sigmoid(w x + b) by broadcasting (not a 1x1x1 Conv3d:
-on torch's CPU build that costs ~35x more, 0.14 s per 4 patches of 128x128x32, which would
-make this a CPU benchmark). R is set per mode so that the accelerator is as fast as the
-writer: all its sleeps together last as long as the stage's write alone (measured first), or
-R is given with --rate. Compute alone is then that plus the CPU part that a GPU would do on
-the device (SlidingWindow's patch copies, the pointwise map, weighting, normalisation, uint8
-conversion): on this CPU it can be larger than the write itself.
+model whose forward sleeps (input voxels) / R seconds (time.sleep releases the GIL) and then
+applies a fixed pointwise map to 3 channels, sigmoid(w x + b) by broadcasting — not a 1x1x1
+Conv3d, which on torch's CPU build is ~35x slower (0.26 s against 0.008 s for a batch of 4
+patches of 128x128x32) and would make this a CPU benchmark. R is set per mode so that the
+accelerator is as fast as the writer: its sleeps together last as long as the stage's write
+alone (measured first, on a layer of its own), or R is given with --rate. Compute alone is
+then that plus the CPU part a GPU would run on the device (SlidingWindow's patch copies,
+the pointwise map, weighting, normalisation, uint8 conversion), which on this CPU can exceed
+the file:// write itself. torch runs 1 intra-op thread by default (--torch-threads): a
+thread driving a GPU holds about one core, and two OpenMP threads on a shared 2-core VM
+stall on each other.
 
 Per blend mode (crop, overlap), on one uint8 file:// input layer (a synthetic EM tile,
-tiled), 3-channel uint8 output:
+tiled), 3-channel uint8 output, each part --repeat times (default 2; the fastest counts):
   read      sum of stage.load over every task, one after another
   compute   sum of stage.compute over every task, inputs preloaded: the sleeps + the CPU
             part (printed: compute - sleeps)
@@ -23,25 +26,28 @@ tiled), 3-channel uint8 output:
             (overlap mode: the exclusive region and the float32 partial sums of the bands)
   end2end   a real Worker over a real SQLite queue in this process, as `local://0` runs
             one: register the run (layers + run), publish the inference stage, the stage
-            built by `StageCache` (plan + model load timed apart: a per-run cost), then
-            `Worker.run(exit_when_idle=0)` until every task is acked; its own output layer
+            built by `StageCache` (plan + model load, and one warm-up compute, timed apart:
+            per-run costs), then `Worker.run(exit_when_idle=0)` until every task is acked;
+            a fresh output layer and run each time
 Ratios: end2end / max(read, compute, write) (target <= 1.2) and end2end / sum. CPU seconds
-(process CPU time, all threads; system time apart) of every part say how much of the cores
-each needs: on a CPU-only machine reads and writes of file:// layers are CPU work, so
-(read + compute + write CPU seconds) / cores is a floor for end2end whatever the pipeline
-does. Inside the pipeline each phase is timed again (wall seconds, and its own thread's CPU
-seconds: torch's intra-op threads are not the compute thread's), against alone.
+(process CPU time, all threads; system time apart) and minor page faults of every part: on
+a CPU-only machine reads and writes of file:// layers are CPU work, so (read + compute +
+write CPU seconds) / cores is a floor for end2end whatever the pipeline does. Inside the
+pipeline each phase is timed again (wall seconds, and its own thread's CPU seconds).
+--tune-malloc reruns the whole script under glibc settings that keep freed memory for reuse
+(what the page-fault figures point at); --gzip writes the output chunks gzipped, as on
+gs:// (cloud-volume's level 9), on file://: a write-bound stage like a GPU worker's.
 
 Then the write path's encoding on one core: raw (cloud-volume's Fortran-order copy, what a
 file:// chunk costs: voxflow writes file:// chunks uncompressed), gzip through libdeflate at
 levels 1, 6, 9 (what cloud-files uses when `deflate` is installed; cloud-volume gzips gs://
-chunks and shards at its default level, 9), stdlib zlib at 1, 6, 9, zstd and brotli
-(content encodings cloud-files knows, not what the format's readers expect) and JPEG (a
-precomputed encoding, lossy), on storage chunks of the computed crop-mode output, in MB/s
-of raw bytes, against a memcpy.
+chunks and shards at level 9), stdlib zlib at 1, 6, 9, zstd and brotli (content encodings
+cloud-files knows, not ones the format's readers expect) and JPEG (a precomputed encoding,
+lossy), on storage chunks of the computed crop-mode output, in MB/s of raw bytes, against
+a memcpy.
 
 Defaults: the issue's >= 1024x1024x128 volume, chunk 256x256x64, storage chunk 64x64x16,
-patch 128x128x32, overlap 16x16x4; ~2-3 minutes on a 2-core VM. Quick: --size 512 512 64.
+patch 128x128x32, overlap 16x16x4: about 2 minutes on a 2-core VM. Quick: --size 512 512 64.
 """
 from __future__ import annotations
 
@@ -351,7 +357,8 @@ def end_to_end(root: Path, args, mode: str, repeat: int) -> dict:
 
 
 def codec_sample(outputs: list, args) -> list[np.ndarray]:
-    """Storage chunks (x, y, z, c) of the computed crop-mode output, from the middle task."""
+    """Storage chunks of the computed crop-mode output from the middle task, as cloud-volume
+    slices them for upload: (x, y, z, c) views of the transposed task array."""
     box, data = outputs[len(outputs) // 2][0]
     data = data() if callable(data) else data          # (c, z, y, x)
     sx, sy, sz = args.storage_chunk
@@ -360,7 +367,7 @@ def codec_sample(outputs: list, args) -> list[np.ndarray]:
     for z in range(0, img.shape[2] - sz + 1, sz):
         for y in range(0, img.shape[1] - sy + 1, sy):
             for x in range(0, img.shape[0] - sx + 1, sx):
-                out.append(np.ascontiguousarray(img[x:x + sx, y:y + sy, z:z + sz]))
+                out.append(img[x:x + sx, y:y + sy, z:z + sz])
                 if len(out) == args.codec_chunks:
                     return out
     return out
@@ -530,7 +537,8 @@ def print_codecs(c: dict) -> None:
         if "error" in f:
             print(f"  {name:<42} {f['error']}")
         else:
-            print(f"  {name:<42} {f['MB_per_s']:8.1f} MB/s   ratio {f['ratio']:5.2f}")
+            print(f"  {name:<42} {f['MB_per_s']:8.1f} MB/s   ratio {f['ratio']:5.2f}   "
+                  f"{300 / f['MB_per_s']:6.2f} cores per 100 Mvox/s of 3 x uint8")
 
 
 if __name__ == "__main__":

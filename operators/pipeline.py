@@ -52,15 +52,14 @@ def _group(config, run: str, kind: str):
     local://0 (the CLI driver works the queue itself) means one local worker process here:
     an Airflow task cannot host a worker for the whole stage."""
     from voxflow.config import voxflow_home
-    from voxflow.groups import open_group
+    from voxflow.groups import open_stage_group
     workers = getattr(config.workers, kind)
     if workers.group == "local://0":
         workers = workers.model_copy(update={"group": "local://1", "max": max(workers.max, 1)})
-    url = workers.group
-    return open_group(url, config.queue.url, kind, gce=workers.gce, run=run,
-                      log_dir=voxflow_home() / "logs" / run,
-                      lease_seconds=config.queue.lease_seconds, capacity=workers.max,
-                      state_dir=voxflow_home() / "groups" / run / kind), workers
+        config = config.model_copy(update={"workers": config.workers.model_copy(
+            update={kind: workers})})
+    return open_stage_group(config, kind, run,
+                            state_dir=voxflow_home() / "groups" / run / kind), workers
 
 
 def end_run(context, state: str) -> None:

@@ -936,6 +936,61 @@ def test_gce_groups_refuse_what_vms_cannot_reach(change, field):
     assert error.field == field and "Compute Engine VMs, which cannot reach" in str(error)
 
 
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_hybrid_groups_refuse_what_vms_cannot_reach(hybrid):
+    """A hybrid group with a cloud member needs a queue the VMs reach: SQLite is refused,
+    naming queue.url and the group."""
+    urls = ["local://auto", URL] if hybrid else URL
+    error = refused({**inference({"group": urls, "max": 4, "gce": {"image": IMAGE}}),
+                     "queue": "sqlite:///tmp/q.db"})
+    assert error.field == "queue.url" and "workers.inference.group" in str(error)
+
+
+@pytest.mark.parametrize("group, words", [
+    (["local://2"], "two or more"),
+    (["local://2", "local://0"], "cannot be part"),
+    (["local://2", "external://"], "cannot be part"),
+    (["local://2", URL, URL.replace(NAME, "other")], "at most one gce://"),
+])
+def test_hybrid_group_refusals(group, words):
+    error = refused(inference({"group": group, "max": 4, "gce": {"image": IMAGE}}))
+    assert error.field == "workers.inference.group" and words in str(error)
+
+
+def test_a_hybrid_group_fills_local_workers_first_and_empties_the_cloud_first(
+        tmp_path, request):
+    """[local://2, gce://...]: the lab's two workers take the first of the backlog, Spot VMs
+    the rest; shrinking removes VMs before local workers; to zero, everything stops."""
+    from types import SimpleNamespace
+    from voxflow.config import GroupConfig
+    from voxflow.groups import HybridGroup, open_stage_group
+    from conftest import queue_url_for
+    queue_url = queue_url_for("pubsub", tmp_path, request)    # every member reaches it
+    workers = GroupConfig(group=["local://2", URL], max=6, gce=gce_config())
+    config = SimpleNamespace(workers=SimpleNamespace(inference=workers),
+                             queue=SimpleNamespace(url=queue_url, lease_seconds=60.0))
+    group = open_stage_group(config, "inference", RUN_A)
+    assert isinstance(group, HybridGroup)
+    (local, two), (cloud, six) = group.members
+    assert (two, six) == (2, 6)
+    compute = Compute()
+    cloud._templates, cloud._managers = FakeTemplates(compute), FakeManagers(compute)
+    scaler = Autoscaler(group, 0, workers.max, 1)
+    try:
+        assert scaler.step(5, set()) == 5
+        assert local.size() == 2 and cloud.size() == 3 and group.size() == 5
+        compute.boot()
+        scaler.step(3, set())                             # the cloud shrinks first
+        assert local.size() == 2 and cloud.size() == 1
+        scaler.step(1, set())
+        assert local.size() == 1 and cloud.size() == 0
+        assert compute.sent("resize")[-1]["size"] == 0
+        scaler.step(0, set())
+        assert group.size() == 0
+    finally:
+        group.close()
+
+
 def test_gce_config_in_a_cpu_group_and_max_bounds():
     cfg = parse_config({**BASE, "workers": {"downsample": {
         "group": "gce://vox-proj/europe-west4-b/vox-cpu", "max": 100, "min": 2,

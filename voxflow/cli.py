@@ -202,7 +202,7 @@ def _run(config, args):
     from .groups import open_stage_group
     from .identity import run_identity
     started, run_id = {}, args.run_id
-    if config.workers.inference.group.startswith("local://"):
+    if all(u.startswith("local://") for u in config.workers.inference.urls):
         try:
             run_id = run_id or run_identity(config).run_id(config.output)
         except Exception:              # plan says what is wrong, naming the field
@@ -264,7 +264,7 @@ def _worker(args) -> int:
     kinds = sorted({stage_kind(k) for k in args.kinds}) if args.kinds else None
     stages = StageCache(queue)
     worker = Worker(queue, stages, kinds, args.worker_id, args.lease_seconds,
-                    prefetch=not args.no_prefetch, runs=args.runs)
+                    prefetch=not args.no_prefetch, runs=args.runs, on_vm=args.leave_group)
     stages.log = worker.log                     # model_loaded: warm-up and compile times
     stop_on_signals(worker.stop)
     worker.run(args.exit_when_idle)

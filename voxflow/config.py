@@ -11,7 +11,7 @@ import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
@@ -349,14 +349,18 @@ class GceConfig(_Section):
 class GroupConfig(_Section):
     """A worker group and how the autoscaler sizes it."""
 
-    group: str = Field("local://1", description="local://N: up to N worker processes on "
+    group: Union[str, list[str]] = Field("local://1", description="local://N: up to N worker processes on "
                        "this machine; local://auto: one per GPU here (each its own "
                        "CUDA_VISIBLE_DEVICES), or one with every core on a machine without "
                        "GPUs; local://0: the driver works the queue itself; "
                        "gce://PROJECT/ZONE/GROUP: a Compute Engine managed instance group "
                        "named GROUP (needs max and the gce section); external://: workers "
                        "started elsewhere (compose services, Kubernetes, a cluster's jobs) "
-                       "serve the queue, voxflow only waits.")
+                       "serve the queue, voxflow only waits. A list of local:// and one "
+                       "gce:// group, e.g. [local://auto, gce://P/Z/G], is one hybrid "
+                       "group: the autoscaler fills its members in order and empties them "
+                       "from the end (the lab's own GPUs first, Spot VMs for the rest of "
+                       "the backlog); it needs a queue every member reaches (Pub/Sub).")
     min: Annotated[int, Field(ge=0)] = Field(0, description="Fewest workers while the stage "
                                              "has work.")
     max: Optional[Annotated[int, Field(ge=0)]] = Field(None, validate_default=True,
@@ -372,32 +376,37 @@ class GroupConfig(_Section):
 
     _shorthand = _string_means("group")
 
+    @property
+    def urls(self) -> list[str]:
+        """The group's URLs: one, or a hybrid group's members in the order they fill."""
+        return [self.group] if isinstance(self.group, str) else list(self.group)
+
     @field_validator("group")
     @classmethod
-    def _group_url(cls, value: str) -> str:
-        if value.startswith("local://") and (value[len("local://"):].isdigit()
-                                             or value == "local://auto"):
-            return value
-        if value.startswith("gce://"):
-            parse_gce_url(value)
-            return value
-        if value == "external://":
-            return value
-        raise ValueError(f"{value!r} is not a known worker group URL (local://N, local://auto, "
-                         "gce://PROJECT/ZONE/GROUP or external://)")
+    def _group_url(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, str):
+            return _group_member(value)
+        if len(value) < 2:
+            raise ValueError("a list names two or more groups (a hybrid group)")
+        for url in value:
+            if _group_member(url) in ("local://0", "external://"):
+                raise ValueError(f"{url!r} cannot be part of a hybrid group")
+        if sum(u.startswith("gce://") for u in value) > 1 or len(set(value)) < len(value):
+            raise ValueError("a hybrid group has distinct members, at most one gce://")
+        return list(value)
 
     @field_validator("max")
     @classmethod
     def _max_for_gce(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
-        if value is None and str(info.data.get("group", "")).startswith("gce://"):
+        if value is None and _gce_member(info.data.get("group")):
             raise ValueError("is required for a gce:// group (the most VMs it may start)")
         return value
 
     @field_validator("gce", mode="wrap")
     @classmethod
     def _gce_section(cls, value: Any, handler, info: ValidationInfo) -> Optional[GceConfig]:
-        group = str(info.data.get("group", ""))
-        if not group.startswith("gce://"):
+        group = _gce_member(info.data.get("group"))
+        if not group:
             return handler(value)
         if value is None:
             raise ValueError("is required for a gce:// group (at least gce.image, the worker "
@@ -412,7 +421,10 @@ class GroupConfig(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> "GroupConfig":
-        if self.group == "local://auto":
+        if not isinstance(self.group, str):          # hybrid: max is required with gce
+            if self.max is None:
+                self.max = sum(local_capacity(u) for u in self.group)
+        elif self.group == "local://auto":
             if self.max is None:              # this machine's GPUs; not checked elsewhere:
                 self.max = local_capacity(self.group)  # a worker re-reads it on its own
         elif self.group.startswith("local://"):
@@ -426,6 +438,25 @@ class GroupConfig(_Section):
         if self.min > self.max:
             raise ValueError(f"min {self.min} exceeds max {self.max}")
         return self
+
+
+def _group_member(value: str) -> str:
+    if value.startswith("local://") and (value[len("local://"):].isdigit()
+                                         or value == "local://auto"):
+        return value
+    if value.startswith("gce://"):
+        parse_gce_url(value)
+        return value
+    if value == "external://":
+        return value
+    raise ValueError(f"{value!r} is not a known worker group URL (local://N, local://auto, "
+                     "gce://PROJECT/ZONE/GROUP or external://)")
+
+
+def _gce_member(group: Any) -> Optional[str]:
+    """The gce:// URL of a group or hybrid group, if it has one."""
+    urls = [group] if isinstance(group, str) else list(group or [])
+    return next((u for u in urls if isinstance(u, str) and u.startswith("gce://")), None)
 
 
 class WorkersConfig(_Section):
@@ -578,7 +609,7 @@ class RunConfig(_Section):
     def _reachable_from_vms(self) -> None:
         """Workers on Compute Engine VMs see only what is in the cloud: refuse local paths."""
         cloud = [k for k in ("inference", "blend", "downsample")
-                 if getattr(self.workers, k).group.startswith("gce://")]
+                 if _gce_member(getattr(self.workers, k).group)]
         if not cloud:
             return
         why = f"workers.{cloud[0]}.group runs workers on Compute Engine VMs, which cannot reach"

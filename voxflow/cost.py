@@ -416,14 +416,15 @@ def _remote_hours(config: RunConfig, kind: str, group: str, reported: list[dict]
     by_worker: dict[str, list[dict]] = {}
     for r in mine:
         by_worker.setdefault(r["worker"], []).append(r)
-    start = "booted" if group.startswith("gce://") else "started"
-    seconds = sum(max(r["stopped"] for r in rs) - min(r[start] for r in rs)
+    def start(r: dict) -> float:                     # a VM's bill runs from its boot
+        return r[r.get("billed_from") or ("booted" if "gce://" in group else "started")]
+    seconds = sum(max(r["stopped"] for r in rs) - min(map(start, rs))
                   for rs in by_worker.values())
     return {"measured": True, "hours": seconds / 3600,
             "busy_hours": sum(r["busy_seconds"] for r in mine) / 3600,
             "workers": len(by_worker), "dollars": seconds / 3600 * hourly_price(config, kind),
             "note": f"{group}: from the workers' session reports"
-                    + (" (each VM from its boot)" if start == "booted" else "")}
+                    + (" (each VM from its boot)" if "gce://" in group else "")}
 
 
 def spent(config: RunConfig, run: str, log_dir: Optional[Path] = None) -> dict:
@@ -437,8 +438,10 @@ def spent(config: RunConfig, run: str, log_dir: Optional[Path] = None) -> dict:
     workers = {}
     reported: Optional[list[dict]] = None
     for kind in ("inference", "blend", "downsample"):
-        group = getattr(config.workers, kind).group
-        if not group.startswith("local://"):
+        urls = getattr(config.workers, kind).urls
+        group = " + ".join(urls)
+        if not all(u.startswith("local://") for u in urls):   # (a hybrid's local workers
+                                                              # report sessions too)
             if reported is None:
                 reported = _reported_sessions(config, run)
             workers[kind] = _remote_hours(config, kind, group, reported)

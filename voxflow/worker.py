@@ -147,11 +147,12 @@ class Worker:
                  kinds: Optional[Iterable[str]] = None, worker_id: Optional[str] = None,
                  lease_seconds: Optional[float] = None, prefetch: bool = True,
                  log: Optional[JsonLog] = None, idle_backoff: tuple[float, float] = (0.05, 2.0),
-                 runs: Optional[Iterable[str]] = None):
+                 runs: Optional[Iterable[str]] = None, on_vm: bool = False):
         self.queue = queue
         self.stage_factory = stage_factory
         self.kinds = list(kinds) if kinds else None
         self.runs = list(runs) if runs else None
+        self.on_vm = on_vm                  # a cloud VM of its own: billed from its boot
         self.watch = RunWatch(queue)
         self._served: dict[str, float] = {}              # run -> seconds of compute
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -391,6 +392,7 @@ class Worker:
         for run in set(self.runs or ()) | set(self._served):
             session = {"worker": self.id, "kind": "+".join(self.kinds or ["all"]),
                        "started": started, "stopped": stopped, "booted": booted,
+                       "billed_from": "booted" if self.on_vm else "started",
                        "busy_seconds": round(self._served.get(run, 0.0), 3)}
             try:
                 self.queue.record_session(run, session)

@@ -11,6 +11,7 @@ once the stage has drained; scale-down stops only idle workers (those holding no
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Protocol
 
 
@@ -57,13 +58,52 @@ class ExternalGroup:
         pass
 
 
-def open_stage_group(config, kind: str, run: str) -> Optional[WorkerGroup]:
-    """The group a run's (`RunConfig`) stages of `kind` run on, as the driver opens it."""
+class HybridGroup:
+    """Several groups as one (`workers.KIND.group: [local://auto, gce://P/Z/G]`): a target
+    fills the members in order, each up to its capacity, so the lab's own workers take the
+    backlog first and the cloud the rest; shrinking empties them from the end (the cloud
+    part first). `busy` goes to every member (each knows only its own workers)."""
+
+    def __init__(self, members: list[tuple[WorkerGroup, int]]):
+        self.members = members                  # (group, the most workers it may run)
+
+    def size(self) -> int:
+        return sum(group.size() for group, _ in self.members)
+
+    def resize(self, target: int, busy: set[str]) -> None:
+        left = max(0, target)
+        for group, capacity in self.members:
+            share = min(capacity, left)
+            group.resize(share, busy)
+            left -= share
+
+    def close(self) -> None:
+        for group, _ in reversed(self.members):
+            group.close()
+
+
+def open_stage_group(config, kind: str, run: str,
+                     state_dir: Optional[Path] = None) -> Optional[WorkerGroup]:
+    """The group a run's (`RunConfig`) stages of `kind` run on, as the driver opens it;
+    `state_dir` keeps local members' pid files (a group that outlives its opener)."""
     from ..config import voxflow_home
+    from .local import local_capacity
     workers = getattr(config.workers, kind)
-    return open_group(workers.group, config.queue.url, kind, gce=workers.gce, run=run,
-                      log_dir=voxflow_home() / "logs" / run,
-                      lease_seconds=config.queue.lease_seconds, capacity=workers.max)
+
+    def member(url: str, capacity: int, where: Optional[Path]) -> Optional[WorkerGroup]:
+        return open_group(url, config.queue.url, kind, gce=workers.gce, run=run,
+                          log_dir=voxflow_home() / "logs" / run,
+                          lease_seconds=config.queue.lease_seconds, capacity=capacity,
+                          state_dir=where)
+
+    if isinstance(workers.group, str):
+        return member(workers.group, workers.max, state_dir)
+    members = []
+    for i, url in enumerate(workers.group):
+        capacity = local_capacity(url) if url.startswith("local://") else workers.max
+        members.append((member(url, capacity, state_dir / str(i) if state_dir else None),
+                        capacity))
+    return HybridGroup(members)
 
 
 def open_group(url: str, queue_url: str, kind: str, gce=None, run: Optional[str] = None,
