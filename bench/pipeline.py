@@ -34,8 +34,9 @@ Ratios: end2end / max(read, compute, write) (target <= 1.2) and end2end / sum. C
 a CPU-only machine reads and writes of file:// layers are CPU work, so (read + compute +
 write CPU seconds) / cores is a floor for end2end whatever the pipeline does. Inside the
 pipeline each phase is timed again (wall seconds, and its own thread's CPU seconds).
---tune-malloc reruns the whole script under glibc settings that keep freed memory for reuse
-(what the page-fault figures point at); --gzip writes the output chunks gzipped, as on
+glibc keeps freed memory (`voxflow.worker.keep_freed_memory`, as `voxflow worker` and
+`voxflow run` apply it; --glibc-default leaves malloc as it is, where big per-batch tensors
+are faulted in afresh every batch: the page-fault figures); --gzip writes the output chunks gzipped, as on
 gs:// (cloud-volume's level 9), on file://: a write-bound stage like a GPU worker's.
 
 Then the write path's encoding on one core: raw (cloud-volume's Fortran-order copy, what a
@@ -58,7 +59,6 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -68,11 +68,6 @@ from pathlib import Path
 import numpy as np
 
 RATE_ENV = "VOXFLOW_BENCH_RATE"
-# glibc: one arena, no dynamic mmap threshold (blocks up to 32 MiB from the heap), never
-# trim: the tensors SlidingWindow allocates per batch reuse pages instead of faulting in
-# fresh ones (see RESULTS.md); an experiment, not what a worker runs with
-TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-                "MALLOC_TRIM_THRESHOLD_": str(8 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
 MODEL = '''
 import os
 import time
@@ -397,7 +392,7 @@ def codecs(sample: list[np.ndarray], repeat: int = 3) -> dict:
         cases[f"gzip {level} (libdeflate)"] = (
             lambda b, lv=level: bytes(deflate.gzip_compress(b, lv)), raw)
     for level in (1, 6, 9):
-        cases[f"gzip {level} (zlib)"] = (lambda b, lv=level: zlib.compress(b, lv), raw)
+        cases[f"gzip {level} (stdlib zlib)"] = (lambda b, lv=level: zlib.compress(b, lv), raw)
     for level in (1, 3):
         cases[f"zstd {level}"] = (
             lambda b, lv=level: zstandard.ZstdCompressor(level=lv).compress(b), raw)
@@ -432,9 +427,9 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads (default 1: a thread driving a GPU holds "
                     "about one core; 0: torch's default, one per core)")
-    ap.add_argument("--tune-malloc", action="store_true",
-                    help="rerun under glibc malloc settings that keep freed memory "
-                    f"({' '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())})")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's malloc as it is, without the `keep_freed_memory` "
+                    "that `voxflow worker` and `voxflow run` apply (the before)")
     ap.add_argument("--gzip", action="store_true",
                     help="write output chunks gzipped, as on gs:// (emulated on file://)")
     ap.add_argument("--codec-chunks", type=int, default=32,
@@ -444,8 +439,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    if args.tune_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
+    kept = False
+    if not args.glibc_default:               # as `voxflow worker` / `voxflow run` start
+        from voxflow.worker import keep_freed_memory
+        kept = keep_freed_memory()
 
     import torch
     if args.torch_threads:
@@ -463,12 +460,14 @@ def main() -> None:
             "size": args.size, "chunk": args.chunk, "storage_chunk": args.storage_chunk,
             "patch": args.patch, "overlap": args.overlap, "batch": args.batch,
             "output_chunks": "gzip (gs:// emulated)" if args.gzip else "raw (file://)",
-            "malloc": {k: os.environ[k] for k in TUNED_MALLOC if k in os.environ},
+            "keep_freed_memory": kept,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
             "repeat": args.repeat,
             "modes": {}}
     print(f"machine {figs['machine']}; torch {torch.__version__}, "
-          f"{figs['torch_threads']} threads; best of {args.repeat}"
-          + (f"; malloc {figs['malloc']}" if figs["malloc"] else ""))
+          f"{figs['torch_threads']} threads; best of {args.repeat}; glibc "
+          + ("keeps freed memory (keep_freed_memory)" if kept else "malloc as it is")
+          + (f", env {figs['malloc_env']}" if figs["malloc_env"] else ""))
     print(f"volume {args.size}, chunk {args.chunk}, storage chunk {args.storage_chunk}, "
           f"patch {args.patch}, overlap {args.overlap}, batch {args.batch}; uint8 in, "
           f"3 x uint8 out, file://, output chunks {figs['output_chunks']}")

@@ -81,3 +81,13 @@ def test_input_smaller_than_patch_is_refused(tmp_path):
     window = SlidingWindow(Model(cfg), [8, 8, 8])
     with pytest.raises(ValueError, match="smaller than the input patch"):
         window(np.zeros((1, 4, 8, 8), np.float32))
+
+
+def test_batches_are_balanced_never_a_lone_last_patch():
+    from voxflow.inference import balanced_batches
+    batches = balanced_batches(list(range(125)), 4)
+    assert [len(b) for b in batches] == [4] * 29 + [3] * 3
+    assert [p for b in batches for p in b] == list(range(125))      # all, in order, once
+    assert [len(b) for b in balanced_batches(list(range(8)), 4)] == [4, 4]
+    assert [len(b) for b in balanced_batches(list(range(5)), 4)] == [3, 2]
+    assert balanced_batches([], 4) == []

@@ -256,6 +256,23 @@ def test_local_auto_starts_one_worker_per_visible_gpu(tmp_path, monkeypatch):
         cpu.close()
 
 
+def test_a_groups_thread_count_is_settable(tmp_path):
+    from voxflow.config import GroupConfig
+    from voxflow.groups import open_stage_group
+    from types import SimpleNamespace
+    queue_url = f"sqlite://{tmp_path}/q.db"
+    open_queue(queue_url).close()
+    workers = GroupConfig(group="local://2", threads=3)
+    config = SimpleNamespace(workers=SimpleNamespace(inference=workers),
+                             queue=SimpleNamespace(url=queue_url, lease_seconds=60.0))
+    group = open_stage_group(config, "inference", "r")
+    try:
+        group.resize(2, set())
+        assert {_environ(p)["OMP_NUM_THREADS"] for p in group.pids().values()} == {"3"}
+    finally:
+        group.close()
+
+
 class _TimedStage:
     """A stage whose load (I/O) and compute each take a fixed time; writes take none."""
 

@@ -370,6 +370,10 @@ class GroupConfig(_Section):
                                                        "required for gce:// groups.")
     tasks_per_worker: PositiveInt = Field(4, description="Backlog per worker the autoscaler "
                                           "aims for.")
+    threads: Optional[PositiveInt] = Field(None, description="Torch threads per worker. "
+                                           "Default: a local group splits this machine's "
+                                           "cores between its most workers; a VM's worker "
+                                           "uses all of its cores.")
     gce: Optional[GceConfig] = Field(None, validate_default=True, description="Compute "
                                      "Engine settings of a gce:// group (required there; "
                                      "local:// groups ignore it).")

@@ -8,12 +8,13 @@ weight sum is an outer product of three 1D sums: no per-patch work for it.
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
-from .geometry import vec3
+from .geometry import ceil_div, vec3
 from .models import Model
 
 Weighting = Literal["bump", "gaussian"]
@@ -50,6 +51,16 @@ def lattice_starts(length: int, patch: int, stride: int) -> list[int]:
     starts = list(range(0, length - patch, stride))
     starts.append(length - patch)
     return starts
+
+
+def balanced_batches(items: Sequence, batch_size: int) -> list[Sequence]:
+    """`items` in the fewest batches of at most `batch_size`, their sizes differing by at most
+    one: 125 patches at 4 are 29 x 4 + 3 x 3, not 31 x 4 + a batch of 1 (on the CPU a
+    batch of one falls into torch's slow conv3d path for plain nn.Conv3d models)."""
+    n = len(items)
+    count = ceil_div(n, batch_size)
+    sizes = [n // count + (k < n % count) for k in range(count)]
+    return [items[end - size:end] for size, end in zip(sizes, accumulate(sizes))]
 
 
 class SlidingWindow:
@@ -131,8 +142,7 @@ class SlidingWindow:
         pz, py, px = self.input_patch
         oz, oy, ox = self.output_patch
         mz, my, mx = self.margin
-        for b in range(0, len(grid), self.batch_size):
-            group = grid[b:b + self.batch_size]
+        for group in balanced_batches(grid, self.batch_size):
             batch = torch.stack([x[:, z:z + pz, y:y + py, xx:xx + px] for z, y, xx in group])
             pred = self.model(batch)
             if tuple(pred.shape[2:]) == self.input_patch and self.input_patch != self.output_patch:

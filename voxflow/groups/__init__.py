@@ -94,7 +94,7 @@ def open_stage_group(config, kind: str, run: str,
         return open_group(url, config.queue.url, kind, gce=workers.gce, run=run,
                           log_dir=voxflow_home() / "logs" / run,
                           lease_seconds=config.queue.lease_seconds, capacity=capacity,
-                          state_dir=where)
+                          state_dir=where, threads=getattr(workers, "threads", None))
 
     if isinstance(workers.group, str):
         return member(workers.group, workers.max, state_dir)
@@ -114,8 +114,8 @@ def open_group(url: str, queue_url: str, kind: str, gce=None, run: Optional[str]
     (so two runs on one URL never resize or delete each other's VMs), a local one passes it
     to its workers; `run=None` means a group that is not per run. `gce` (a `GceConfig`) is
     for gce:// groups and ignored by local ones; `options` are the local backend's (log_dir,
-    lease_seconds, capacity, state_dir): a gce:// group uses only lease_seconds (passed to
-    its workers) and ignores the rest.
+    lease_seconds, capacity, state_dir, threads): a gce:// group uses only lease_seconds and
+    threads (passed to its workers) and ignores the rest.
     """
     if url.startswith("local://"):
         from .local import LocalGroup, visible_gpus
@@ -131,5 +131,6 @@ def open_group(url: str, queue_url: str, kind: str, gce=None, run: Optional[str]
             raise ValueError(f"worker group {url!r} needs its gce settings (workers.KIND.gce)")
         from .gce import GceGroup
         return GceGroup.from_url(url, queue_url, kind, gce, run=run,
-                                 lease_seconds=options.get("lease_seconds"))
+                                 lease_seconds=options.get("lease_seconds"),
+                                 threads=options.get("threads"))
     raise ValueError(f"unknown worker group URL {url!r}")

@@ -208,12 +208,14 @@ class GceGroup:
 
     def __init__(self, project: str, zone: str, group: str, queue_url: str, kind: str,
                  gce: GceConfig, lease_seconds: Optional[float] = None, *,
-                 run: Optional[str] = None, templates_client: Any = None,
+                 run: Optional[str] = None, threads: Optional[int] = None,
+                 templates_client: Any = None,
                  managers_client: Any = None, operation_timeout: float = OPERATION_TIMEOUT):
         self.project, self.zone, self.group, self.run = project, zone, group, run
         self.name = mig_name(group, run)
         self.queue_url, self.kind, self.gce = queue_url, kind, gce
         self.lease_seconds = lease_seconds
+        self.threads = threads
         self.zones = [zone] + [z for z in gce.zones if z != zone]
         self.operation_timeout = operation_timeout
         self._templates = templates_client
@@ -262,6 +264,8 @@ class GceGroup:
         cmd = ["voxflow", "worker", self.queue_url, "--kind", self.kind]
         if self.lease_seconds:
             cmd += ["--lease-seconds", f"{self.lease_seconds:g}"]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
         return cmd + ["--leave-group"]
 
     def startup_script(self) -> str:

@@ -62,7 +62,8 @@ class LocalGroup:
     def __init__(self, queue_url: str, kind: str, log_dir: Optional[Path] = None,
                  lease_seconds: Optional[float] = None, capacity: Optional[int] = None,
                  exit_when_idle: float = 60.0, state_dir: Optional[Path] = None,
-                 run: Optional[str] = None, devices: Optional[list[str]] = None):
+                 run: Optional[str] = None, devices: Optional[list[str]] = None,
+                 threads: Optional[int] = None):
         self.queue_url = queue_url
         self.kind = kind
         self.run = run
@@ -71,6 +72,7 @@ class LocalGroup:
         self.capacity = capacity
         self.exit_when_idle = exit_when_idle
         self.state_dir = Path(state_dir) if state_dir else None
+        self.threads = threads
         self.devices = list(devices) if devices else None   # one worker per device
         if self.devices:
             self.capacity = min(capacity or len(self.devices), len(self.devices))
@@ -92,8 +94,8 @@ class LocalGroup:
     def _threads(self) -> int:
         """Cores split by the group's capacity, not its current size: every worker of a
         group computes with the same thread count, so results are bit-identical whichever
-        worker runs a task (float reductions differ across thread counts)."""
-        return max(1, (os.cpu_count() or 1) // max(self.capacity or 1, 1))
+        worker runs a task (float reductions differ across thread counts). Or as set."""
+        return self.threads or max(1, (os.cpu_count() or 1) // max(self.capacity or 1, 1))
 
     def _spawn(self, threads: int) -> None:
         wid = f"{self.kind}-{self._tag}-{next(self._ids)}"
