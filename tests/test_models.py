@@ -153,3 +153,20 @@ def test_channels_last_batches_predict_the_same(tmp_path, image, reference):
     model.channels_last = True
     got = SlidingWindow(model, PATCH, PATCH, [3, 3, 2], 4)(image).numpy()
     assert np.abs(got - reference).max() < 1e-6
+
+
+def test_auto_batch_size_fits_the_device_and_is_4_on_the_cpu(tmp_path, image, reference):
+    from voxflow.models import CPU_AUTO_BATCH, auto_batch_size
+    gib = 2**30
+    assert auto_batch_size(None, None) == CPU_AUTO_BATCH == 4
+    assert auto_batch_size(3 * gib, 80 * gib) == 16       # 0.6 * 80 / 3 = 16.0
+    assert auto_batch_size(3 * gib, 79 * gib) == 8        # 15.8: the power of two below
+    assert auto_batch_size(10 * gib, 12 * gib) == 1       # less than one: still one
+    assert auto_batch_size(2**20, 80 * gib) == 64         # capped
+    path = tmp_path / "m.pt"
+    torch.jit.script(SmallConv().eval()).save(str(path))
+    model = Model(_cfg(path), batch_size="auto")
+    assert model.batch_size is None and model.resolve_batch(1) == 4
+    got = SlidingWindow(Model(_cfg(path), batch_size="auto"), PATCH, PATCH, [3, 3, 2],
+                        "auto")(image).numpy()
+    assert np.abs(got - reference).max() < 1e-6

@@ -154,7 +154,14 @@ class InferenceConfig(_Section):
                                  "are deleted.")
     weighting: Literal["bump", "gaussian"] = Field("bump", description="Patch weights used "
                                                    "to blend overlapping patches.")
-    batch_size: PositiveInt = Field(4, description="Patches per forward pass.")
+    batch_size: Union[PositiveInt, Literal["auto"]] = Field(4, description="Patches per "
+                                                            "forward pass. auto: on CUDA "
+                                                            "the largest power of two whose "
+                                                            "activations fit 60% of the "
+                                                            "device's memory (one probe "
+                                                            "forward; the same on every "
+                                                            "worker of one GPU type), on "
+                                                            "the CPU 4.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when "
                                                    "available.")
     pad: Literal["zeros", "mirror"] = Field("zeros", description="What is read outside the "

@@ -494,7 +494,7 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
             torch.cuda.synchronize()
 
     window.weighted_sum(x[:, starts[0][0]:starts[0][0] + depth],
-                        [[0], starts[1][:1], starts[2][:inf.batch_size]])
+                        [[0], starts[1][:1], starts[2][:model.batch_size]])
     sync()
     done, t0 = 0, time.perf_counter()
     for z in starts[0]:
@@ -510,5 +510,6 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
             "chunk_patches": chunk_patches(config), "device": str(model.device),
             "precision": config.model.precision if model.device.type == "cuda" else "fp32",
             "warm_up_seconds": warm_up, "compile_seconds": model.compile_seconds,
+            "batch_size": model.batch_size,
             "read_box": [list(read.start), list(read.stop)],
             "input_dtype": str(np.dtype(source.dtype))}

@@ -142,7 +142,9 @@ class SlidingWindow:
         pz, py, px = self.input_patch
         oz, oy, ox = self.output_patch
         mz, my, mx = self.margin
-        for group in balanced_batches(grid, self.batch_size):
+        size = (self.batch_size if isinstance(self.batch_size, int)
+                else self.model.resolve_batch(x.shape[0]))
+        for group in balanced_batches(grid, size):
             batch = torch.stack([x[:, z:z + pz, y:y + py, xx:xx + px] for z, y, xx in group])
             pred = self.model(batch)
             if tuple(pred.shape[2:]) == self.input_patch and self.input_patch != self.output_patch:

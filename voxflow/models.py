@@ -129,12 +129,28 @@ def _load_python(cfg: ModelConfig, source: bytes, weights: Optional[bytes]) -> t
     return net
 
 
+CPU_AUTO_BATCH = 4        # measured on 2-vCPU Xeon/EPYC (bench/RESULTS.md): never worse than 1
+
+
+def auto_batch_size(per_patch_bytes: Optional[int], device_bytes: Optional[int],
+                    share: float = 0.6, most: int = 64) -> int:
+    """`batch_size: auto`: without a device (CPU) `CPU_AUTO_BATCH`; on one, the largest
+    power of two of patches whose activations fit `share` of the device's memory (its
+    total, not what is free now, so every worker of one GPU type picks the same batch and
+    computes the same bits), at most `most`."""
+    if not per_patch_bytes or not device_bytes:
+        return CPU_AUTO_BATCH
+    fit = int(share * device_bytes // per_patch_bytes)
+    return max(1, min(most, 1 << max(fit, 1).bit_length() - 1))
+
+
 class Model:
     """A loaded ConvNet on one device."""
 
     def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu",
-                 batch_size: Optional[int] = None):
-        """`batch_size`: the batch it will run at; a compiled model is specialised to it."""
+                 batch_size: Optional[int | str] = None):
+        """`batch_size`: the batch it will run at ("auto" or None: `resolve_batch`); a
+        compiled model is specialised to it."""
         self.config = cfg
         self.device = torch.device(device)
         path = Path(cfg.path)
@@ -169,12 +185,14 @@ class Model:
                 self._net = self._net.to(memory_format=torch.channels_last_3d)
         self._autocast = autocast_for(self.device, cfg.precision)
         self.compile_seconds: Optional[float] = None
-        if cfg.compile:
-            if isinstance(self._net, torch.jit.ScriptModule):
-                raise ConfigError("model.compile", "torch.compile needs a .py or .pt2 model, "
-                                  f"not TorchScript ({path.name})")
+        if cfg.compile and isinstance(self._net, torch.jit.ScriptModule):
+            raise ConfigError("model.compile", "torch.compile needs a .py or .pt2 model, "
+                              f"not TorchScript ({path.name})")
+        self._eager = self._net
+        self.batch_size: Optional[int] = batch_size if isinstance(batch_size, int) else None
+        if cfg.compile:                      # a static batch; "auto": once resolved
             self._net = _compiled(self._net, self.digest)
-            self.static_batch = self.static_batch or batch_size or 1
+            self.static_batch = self.static_batch or self.batch_size
         self._mean, self._std = cfg.normalize.mean, cfg.normalize.std
 
     def normalize(self, image: np.ndarray) -> torch.Tensor:
@@ -209,9 +227,30 @@ class Model:
             out = out[0]
         return out[:n].float()
 
+    def resolve_batch(self, input_channels: int) -> int:
+        """The batch size to run at: as given, or for "auto" `auto_batch_size` of this
+        device (a probe forward of one patch on CUDA; a compiled model is then specialised
+        to it)."""
+        if self.batch_size is None:
+            per_patch = None
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                probe = torch.zeros((1, input_channels, *reversed(self.config.input_patch)),
+                                    device=self.device)
+                with torch.inference_mode(), self._autocast:
+                    self._eager(probe)
+                per_patch = torch.cuda.max_memory_allocated(self.device) - base
+                total = torch.cuda.get_device_properties(self.device).total_memory
+            self.batch_size = auto_batch_size(per_patch, total if per_patch else None)
+            if self.config.compile and self.static_batch is None:
+                self.static_batch = self.batch_size
+        return self.batch_size
+
     def warm_up(self, input_channels: int) -> float:
         """One forward of a zero batch, timed: a compiled model compiles here (the time is
         `compile_seconds`), cuDNN picks its kernels, and the first task is not slower."""
+        self.resolve_batch(input_channels)
         batch = torch.zeros((self.static_batch or 1, input_channels,
                              *reversed(self.config.input_patch)), device=self.device)
         t0 = time.perf_counter()
