@@ -205,6 +205,10 @@ def test_local_group_replaces_dead_and_stops_only_idle(tmp_path):
 
 
 def _environ(pid):
+    """A worker's environment, once it is the worker: until its exec completes /proc shows
+    the environment of the process that spawned it."""
+    _until(lambda: b"--worker-id" in open(f"/proc/{pid}/cmdline", "rb").read(), 10,
+           f"process {pid} to exec the worker")
     raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
     return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
 
