@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from voxflow.queues.ledger import Ledger  # noqa: E402
+from voxflow.storage import RequestCounter  # noqa: E402
 from voxflow.queues.pubsub import PubSubQueue  # noqa: E402
 
 RUN, STAGE, KIND = "bench", "inference", "inference"
@@ -49,28 +50,6 @@ DEAD, LEASED = 10, 4
 
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Calls:
-    """Counts the storage requests made through one `Storage`: a GET or PUT per key, a list
-    call per 1000 keys listed (a GCS page)."""
-
-    def __init__(self, storage):
-        self.count = 0
-        self._lock = threading.Lock()
-        get, put, list_ = storage.get, storage.put, storage.list
-
-        def listed(prefix=""):
-            keys = list(list_(prefix))
-            self._add(max(1, -(-len(keys) // 1000)))
-            return iter(keys)
-        storage.get = lambda key: self._add(1) or get(key)
-        storage.put = lambda key, data: self._add(1) or put(key, data)
-        storage.list = listed
-
-    def _add(self, n: int) -> None:
-        with self._lock:
-            self.count += n
 
 
 def old_queue_class() -> type:
@@ -137,7 +116,7 @@ def build(ledger_url: str, n: int, backlog: int, markers: bool, scatter: bool) -
 def poll(url: str, old: bool, polls: int) -> dict:
     """(A fresh process.) What `stats` and the publish skip set cost."""
     queue = (old_queue_class() if old else PubSubQueue)(url)
-    calls = Calls(queue.ledger)
+    calls = RequestCounter(queue.ledger)
     rss_before = maxrss_mib()
     t0 = time.perf_counter()
     list(queue.ledger.list("nothing/"))

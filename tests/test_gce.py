@@ -364,6 +364,21 @@ esac
 """
 
 
+def worker_wrapper(startup: str, tmp_path: Path) -> Path:
+    """The startup script's worker wrapper as tmp_path/run-worker.sh, and a bin folder of
+    stand-ins for what it calls: docker (writes its arguments to $ARGS, exits $RC), the
+    metadata server's curl, nvidia-smi."""
+    wrapper = startup.split("<<'VOXFLOW_WORKER'\n", 1)[1].split("\nVOXFLOW_WORKER\n", 1)[0]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool, body in {"docker": '#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS"\nexit "${RC:-0}"\n',
+                       "curl": FAKE_CURL, "nvidia-smi": "#!/bin/sh\ntrue\n"}.items():
+        (bindir / tool).write_text(body)
+        (bindir / tool).chmod(0o755)
+    (tmp_path / "run-worker.sh").write_text(wrapper)
+    return bindir
+
+
 def test_startup_script_parses_and_runs_the_worker_container(tmp_path):
     """bash -n accepts the script; its worker wrapper, run with a fake docker and metadata
     server, passes the queue URL (with ? and &), the VM's name and its MIG's run through
@@ -376,14 +391,7 @@ def test_startup_script_parses_and_runs_the_worker_container(tmp_path):
     script = tmp_path / "startup.sh"
     script.write_text(startup)
     subprocess.run(["bash", "-n", str(script)], check=True)
-    wrapper = startup.split("<<'VOXFLOW_WORKER'\n", 1)[1].split("\nVOXFLOW_WORKER\n", 1)[0]
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for tool, body in {"docker": '#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS"\nexit "$RC"\n',
-                       "curl": FAKE_CURL, "nvidia-smi": "#!/bin/sh\ntrue\n"}.items():
-        (bindir / tool).write_text(body)
-        (bindir / tool).chmod(0o755)
-    (tmp_path / "run-worker.sh").write_text(wrapper)
+    bindir = worker_wrapper(startup, tmp_path)
     args = tmp_path / "args"
 
     def boot(**env: str) -> int:
@@ -421,14 +429,7 @@ def test_a_vm_with_four_gpus_runs_four_workers_one_gpu_each(tmp_path):
         f"voxflow-worker@{i}.service" for i in range(4)))
     assert "docker stop --time 25 voxflow-worker-0 voxflow-worker-1 voxflow-worker-2 " \
            "voxflow-worker-3" in meta["shutdown-script"]
-    wrapper = startup.split("<<'VOXFLOW_WORKER'\n", 1)[1].split("\nVOXFLOW_WORKER\n", 1)[0]
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for tool, body in {"docker": '#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS"\n',
-                       "curl": FAKE_CURL, "nvidia-smi": "#!/bin/sh\ntrue\n"}.items():
-        (bindir / tool).write_text(body)
-        (bindir / tool).chmod(0o755)
-    (tmp_path / "run-worker.sh").write_text(wrapper)
+    bindir = worker_wrapper(startup, tmp_path)
     seen = []
     for slot in range(4):                               # what systemd's %i passes
         subprocess.run(["bash", str(tmp_path / "run-worker.sh"), str(slot)], check=True,

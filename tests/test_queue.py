@@ -18,6 +18,7 @@ from voxflow.geometry import Box
 from voxflow.messages import MalformedMessage, decode, encode
 from voxflow.queues import RunState, StageStats, open_queue
 from voxflow.queues.pubsub import Ranges, run_token
+from voxflow.storage import RequestCounter
 
 from conftest import queue_url_for
 
@@ -463,28 +464,6 @@ def test_sqlite_pull_for_a_run_skips_another_runs_backlog(tmp_path):
 
 
 # -- Pub/Sub progress: journal and compact records ---------------------------------------
-class Calls:
-    """Counts the storage requests made through a ledger: a GET or PUT per key, a list call
-    per 1000 keys listed (a GCS page)."""
-
-    def __init__(self, ledger):
-        self.count = 0
-        self._lock = threading.Lock()
-        get, put, list_ = ledger.get, ledger.put, ledger.list
-
-        def listed(prefix=""):
-            keys = list(list_(prefix))
-            self._add(max(1, -(-len(keys) // 1000)))
-            return iter(keys)
-        ledger.get = lambda key: self._add(1) or get(key)
-        ledger.put = lambda key, data: self._add(1) or put(key, data)
-        ledger.list = listed
-
-    def _add(self, n: int) -> None:
-        with self._lock:
-            self.count += n
-
-
 def _progress_objects(q, run="run-a", stage="inference") -> tuple[int, int]:
     """How many journal entries and compact records the stage has."""
     return tuple(len(list(q.ledger.list(q.ledger.prefix(run, what, stage))))
@@ -593,7 +572,7 @@ def test_pubsub_stats_cost_a_few_storage_calls_whatever_the_task_count(pubsub_ur
         for i in range(n):
             (root / what / "inference" / str(i)).touch()
     q.heartbeat("run-a")
-    calls = Calls(q.ledger)
+    calls = RequestCounter(q.ledger)
     assert q.stats("run-a") == {"inference": StageStats(0, 0, n, 0)}
     assert calls.count <= 8, calls.count  # 7: stages, record, leases, journal, compact + GET, dead
     q.close()

@@ -356,18 +356,19 @@ class GceConfig(_Section):
 class GroupConfig(_Section):
     """A worker group and how the autoscaler sizes it."""
 
-    group: Union[str, list[str]] = Field("local://1", description="local://N: up to N worker processes on "
-                       "this machine; local://auto: one per GPU here (each its own "
-                       "CUDA_VISIBLE_DEVICES), or one with every core on a machine without "
-                       "GPUs; local://0: the driver works the queue itself; "
-                       "gce://PROJECT/ZONE/GROUP: a Compute Engine managed instance group "
-                       "named GROUP (needs max and the gce section); external://: workers "
-                       "started elsewhere (compose services, Kubernetes, a cluster's jobs) "
-                       "serve the queue, voxflow only waits. A list of local:// and one "
-                       "gce:// group, e.g. [local://auto, gce://P/Z/G], is one hybrid "
-                       "group: the autoscaler fills its members in order and empties them "
-                       "from the end (the lab's own GPUs first, Spot VMs for the rest of "
-                       "the backlog); it needs a queue every member reaches (Pub/Sub).")
+    group: Union[str, list[str]] = Field(
+        "local://1",
+        description=("local://N: up to N worker processes on this machine; local://auto: one per"
+                     " GPU here (each its own CUDA_VISIBLE_DEVICES), or one with every core on a"
+                     " machine without GPUs; local://0: the driver works the queue itself; "
+                     "gce://PROJECT/ZONE/GROUP: a Compute Engine managed instance group named "
+                     "GROUP (needs max and the gce section); external://: workers started "
+                     "elsewhere (compose services, Kubernetes, a cluster's jobs) serve the "
+                     "queue, voxflow only waits. A list of local:// and one gce:// group, e.g. "
+                     "[local://auto, gce://P/Z/G], is one hybrid group: the autoscaler fills its"
+                     " members in order and empties them from the end (the lab's own GPUs first,"
+                     " Spot VMs for the rest of the backlog); it needs a queue every member "
+                     "reaches (Pub/Sub)."))
     min: Annotated[int, Field(ge=0)] = Field(0, description="Fewest workers while the stage "
                                              "has work.")
     max: Optional[Annotated[int, Field(ge=0)]] = Field(None, validate_default=True,

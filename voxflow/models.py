@@ -248,10 +248,14 @@ class Model:
         return self.batch_size
 
     def warm_up(self, input_channels: int) -> float:
-        """One forward of a zero batch, timed: a compiled model compiles here (the time is
-        `compile_seconds`), cuDNN picks its kernels, and the first task is not slower."""
+        """One forward of a zero batch of the run's size, timed: a compiled model compiles
+        here (the time is `compile_seconds`), cuDNN picks its kernels, and the first task is
+        not slower. An eager model on the CPU has nothing to warm (its first batch costs
+        what this one would): 0, and no forward."""
         self.resolve_batch(input_channels)
-        batch = torch.zeros((self.static_batch or 1, input_channels,
+        if self.device.type == "cpu" and not self.config.compile:
+            return 0.0
+        batch = torch.zeros((self.static_batch or self.batch_size, input_channels,
                              *reversed(self.config.input_patch)), device=self.device)
         t0 = time.perf_counter()
         self(batch)

@@ -171,24 +171,31 @@ class OverlapInferenceStage(InferenceStage):
                 self.store.put(partial_key(cell, index), _host(data))
 
 
-class BlendStage:
-    """Overlap mode: a task blends up to 7 band cells; for each it adds the cell's partial
-    sums in task order (fixed, so a retry writes the same bits), casts to the output dtype
-    and writes the cell's whole storage-aligned block."""
+class _Blend:
+    """What both blend stages share: a task grid, the run's temporary data, the output."""
 
     name = kind = "blend"
 
-    def __init__(self, p: Plan, run: str):
-        self.plan = p
-        self.bands: BandGrid = p.grid.bands
+    def __init__(self, p: Plan, run: str, grid: Union[BandGrid, ChunkGrid]):
+        self.plan, self.grid = p, grid
         self.store = TemporaryStore(temporary_url(p.config, run))
         self._output = Volume(p.config.output)
 
     def __len__(self) -> int:
-        return len(self.bands)
+        return len(self.grid)
 
     def box(self, index: int) -> Box:
-        return self.bands.box(index)
+        return self.grid.box(index)
+
+
+class BlendStage(_Blend):
+    """Overlap mode: a task blends up to 7 band cells; for each it adds the cell's partial
+    sums in task order (fixed, so a retry writes the same bits), casts to the output dtype
+    and writes the cell's whole storage-aligned block."""
+
+    def __init__(self, p: Plan, run: str):
+        super().__init__(p, run, p.grid.bands)
+        self.bands: BandGrid = self.grid
 
     def load(self, index: int) -> list[tuple[Box, list[tuple[Box, np.ndarray]]]]:
         channels = self.plan.config.model.output_channels
@@ -214,25 +221,14 @@ class BlendStage:
             self._output.write(box, data)
 
 
-class ShardBlendStage:
+class ShardBlendStage(_Blend):
     """Overlap mode, sharded output: a task assembles one whole shard from the packs of the
     inference tasks that meet it — their final values, and the band cells' partial sums
     added in task order (the unsharded blend's order, so the bytes are the same) — and
     writes the shard, once."""
 
-    name = kind = "blend"
-
     def __init__(self, p: Plan, run: str):
-        self.plan = p
-        self.grid = stage_grid(p, "blend")
-        self.store = TemporaryStore(temporary_url(p.config, run))
-        self._output = Volume(p.config.output)
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def box(self, index: int) -> Box:
-        return self.grid.box(index)
+        super().__init__(p, run, stage_grid(p, "blend"))
 
     def load(self, index: int) -> list[list[tuple[Box, Optional[tuple], np.ndarray]]]:
         shard = self.box(index)

@@ -94,7 +94,7 @@ def open_stage_group(config, kind: str, run: str,
         return open_group(url, config.queue.url, kind, gce=workers.gce, run=run,
                           log_dir=voxflow_home() / "logs" / run,
                           lease_seconds=config.queue.lease_seconds, capacity=capacity,
-                          state_dir=where, threads=getattr(workers, "threads", None))
+                          state_dir=where, threads=workers.threads)
 
     if isinstance(workers.group, str):
         return member(workers.group, workers.max, state_dir)

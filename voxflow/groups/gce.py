@@ -41,8 +41,9 @@ Why it is built this way:
 - **The startup script** writes a systemd unit per worker slot (`voxflow-worker@SLOT`) that
   runs a container: on a GPU VM one per GPU (`--gpus device=SLOT`, worker id `NAME.gpuSLOT`
   when there are several; the autoscaler's target counts workers, a VM holds `slots`, and
-  a VM is busy while any of its workers is), on a CPU VM one; with `Restart=on-failure`: a worker that crashes, is killed or fails to start is
-  restarted; one that exits 0 is done on purpose (its run is over and it left its MIG; no
+  a VM is busy while any of its workers is), on a CPU VM one; with `Restart=on-failure`: a
+  worker that crashes, is killed or fails to start is restarted; one that exits 0 is done
+  on purpose (its run is over and it left its MIG; no
   `--exit-when-idle` is passed). Its stop is `docker stop --time 25`: the worker releases its
   leases on SIGTERM, within the 30 s a Spot preemption gives. A `shutdown-script` runs the
   same `docker stop`, so preemption, a MIG deleting the VM and a plain shutdown all release
