@@ -10,7 +10,10 @@ setup: $(STAMP)
 
 # cloudbox: the tests' Pub/Sub emulator. It declares Python >= 3.14 but its Pub/Sub server runs
 # on 3.11 through tests/pubsub_emulator.py; what that server imports is already installed.
+# chromium: Debian's browser for the console's browser tests (tests/test_console.py).
 $(STAMP): requirements.txt pyproject.toml
+	test -x /usr/bin/chromium || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .

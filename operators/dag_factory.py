@@ -2,8 +2,8 @@
 
 A pipeline file is a run config (docs/config.md) plus pipeline keys
 (`voxflow.pipeline_file`): `schedule`, `assets`, `watch`, `watch_seconds`, `catchup`,
-`description`, `tags`. Parsing reads the YAML and validates it without I/O: no storage or
-queue calls at parse time.
+`description`, `tags`, `approve_above_usd`. Parsing reads the YAML and validates it without
+I/O: no storage or queue calls at parse time.
 
 Every DAG has a task group for every kind of stage, whatever its YAML says: the trigger
 form can ask for stages the YAML does not have (`blend: overlap` over a crop pipeline,
@@ -11,8 +11,12 @@ form can ask for stages the YAML does not have (`blend: overlap` over a crop pip
 ask. A group the run does not need skips itself (its publish task raises a skip), so the
 next group and finalize run on `none_failed`.
 
-A bad pipeline file takes down only its own DAG: the others load, and Airflow shows one
-import error on the DAG folder's loader naming each bad file and field.
+A pipeline with `approve_above_usd` has one more task, the cost gate (`operators/gate.py`),
+between `plan` and the first group: a run estimated above it waits for a person's approval.
+
+A bad pipeline file takes down only its own DAG: it becomes a DAG of the same name tagged
+`refused` whose description names the file and field and whose one task fails with that
+error; the other files' DAGs are untouched (an import error would mark them all stale).
 """
 from __future__ import annotations
 
@@ -20,12 +24,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Asset, AssetAlias, AssetWatcher, TaskGroup
+from airflow.sdk import DAG, Asset, AssetAlias, AssetWatcher, BaseOperator, TaskGroup
+from airflow.sdk.exceptions import AirflowFailException
 
 from voxflow.config import ConfigError
 from voxflow.pipeline_file import PipelineKeys, load_pipeline, watched_urls
 
-from .params import config_params
+from .gate import GATE_TASK, CostGateOperator
+from .params import config_params, fixed_config
 from .pipeline import (FinalizeOperator, PlanRunOperator, PublishStageOperator,
                        ScaleWorkersOperator, WaitForStageOperator)
 from .triggers import FileDigestTrigger
@@ -70,7 +76,12 @@ def build_dag(path: Path) -> DAG:
              catchup=keys.catchup, params=config_params(config), description=description,
              tags=["voxflow", *keys.tags], max_active_runs=4,
              doc_md=f"Pipeline `{path.name}`. {description}", default_args=DEFAULT_ARGS) as dag:
-        previous = PlanRunOperator(task_id="plan", base_dir=str(path.parent.resolve()))
+        previous = PlanRunOperator(task_id="plan", base_dir=str(path.parent.resolve()),
+                                   fixed=fixed_config(config))
+        if keys.approve_above_usd is not None:      # the cost gate, before anything starts
+            gate = CostGateOperator(task_id=GATE_TASK, approve_above_usd=keys.approve_above_usd)
+            previous >> gate
+            previous = gate
         for kind in KINDS:
             with TaskGroup(kind) as group:
                 publish = PublishStageOperator(task_id="publish", kind=kind,
@@ -89,33 +100,45 @@ def build_dag(path: Path) -> DAG:
     return dag
 
 
-class PipelineErrors(Exception):
-    """The pipeline files that could not become DAGs, each with its error."""
+class RefusedPipelineOperator(BaseOperator):
+    """The one task of a pipeline file that could not become its DAG: a run of it fails at
+    once, naming the file and field (there is nothing it could run)."""
+
+    ui_color = "#fde2e2"
+
+    def __init__(self, *, error: str, **kwargs):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def execute(self, context):
+        raise AirflowFailException(f"refused, nothing runs: {self.error}")
 
 
-class _Refused(DAG):
-    """Carries the bad files' errors into Airflow: the DAG bag refuses this DAG when it
-    validates it and records the error as an import error of the loader file, while the
-    loader's other DAGs are bagged as usual."""
-
-    def validate(self):
-        raise PipelineErrors(self.description)
+def refused_dag(path: Path, error: str) -> DAG:
+    """A bad pipeline file's DAG: its name, its error in the description and the docs, the
+    tag `refused`, no schedule. Not an import error: Airflow marks every DAG of a file with
+    an import error stale (3.3: `has_import_errors`, `is_stale`), and every pipeline comes
+    from the one loader file, so one bad file would hide them all."""
+    where = f"{path.parent.name}/{path.name}"
+    with DAG(path.stem, schedule=None, start_date=START, catchup=False,
+             description=f"refused: {where}: {error}"[:1000], tags=["voxflow", "refused"],
+             doc_md=f"**The pipeline file `{where}` was refused**, so this DAG runs nothing "
+             f"until it is fixed:\n\n    {error}\n\n`voxflow validate {where}` checks "
+             "it.") as dag:
+        RefusedPipelineOperator(task_id="refused", error=f"{where}: {error}", retries=0)
+    return dag
 
 
 def build_dags(folder: Path) -> dict[str, DAG]:
-    """Every `*.yaml` in `folder`, by DAG id; bad files are collected, not raised: one
-    `_Refused` entry names each file and field."""
-    dags, errors = {}, []
+    """Every `*.yaml` in `folder`, by DAG id; a bad file becomes a `refused_dag` naming its
+    field, and the other files' DAGs are untouched."""
+    dags = {}
     for path in sorted(Path(folder).glob("*.yaml")):
-        where = f"{path.parent.name}/{path.name}"
         try:
             dags[path.stem] = build_dag(path)
         except ConfigError as exc:
-            errors.append(f"{where}: {exc}")
+            dags[path.stem] = refused_dag(path, str(exc))
         except Exception as exc:                      # e.g. a trigger form Airflow refuses
-            errors.append(f"{where}: {type(exc).__name__}: {' '.join(str(exc).split())}")
-    if errors:
-        text = f"{len(errors)} voxflow pipeline file(s) refused: " + "; ".join(errors)
-        dags["voxflow_pipeline_errors"] = _Refused("voxflow_pipeline_errors", schedule=None,
-                                                   description=text[:4000])
+            dags[path.stem] = refused_dag(path, f"{type(exc).__name__}: "
+                                          f"{' '.join(str(exc).split())}")
     return dags

@@ -1,5 +1,5 @@
-"""Operator extra links: the finished run in Neuroglancer (or, for a local output that needs
-`voxflow view` to be served, the voxflow runs page), from the finalize task's summary.
+"""Operator extra links: the finished run in Neuroglancer, from the finalize task's summary
+(for local layers, the link `voxflow view` serves: the summary and the log give the command).
 
 Airflow 3 evaluates a link once, in the task's process when it ends, and keeps the result;
 the API server only reads it back.
@@ -16,4 +16,4 @@ class NeuroglancerLink(BaseOperatorLink):
         from airflow.sdk.execution_time.xcom import XCom
         summary = XCom.get_value(ti_key=ti_key, key="return_value") or {}
         target = summary.get("neuroglancer", "")
-        return target if target.startswith("http") else "/voxflow/"
+        return target

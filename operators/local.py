@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -97,6 +98,49 @@ class LocalAirflow:
             text = r.read()
         return json.loads(text) if text else {}
 
+    def launch(self, name: str) -> None:
+        """Start component `name` in a session of its own (one process group to signal),
+        its output appended to `logs/<name>.log`."""
+        log = open(self.home / "logs" / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *COMPONENTS[name]],
+                                            env=self.env, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def restart(self, name: str, timeout: float = 180) -> None:
+        """SIGKILL component `name` — its whole process group, so a scheduler's running task
+        processes die with it, as on a lost machine — start it again with the same
+        environment and arguments, and return once it is back: for the scheduler, triggerer
+        and dag-processor, the API's health entry healthy with a heartbeat newer than the
+        kill (for 30 s the API still calls the dead one's last heartbeat healthy); for the
+        api-server, the API answering."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        killed = datetime.now(timezone.utc)
+        self.launch(name)
+        key = name.replace("-", "_")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as r:
+                    entry = json.loads(r.read()).get(key, {})
+                if name == "api-server":
+                    return
+                beat = entry.get(f"latest_{key}_heartbeat")
+                if entry.get("status") == "healthy" and beat and \
+                        datetime.fromisoformat(beat) > killed:
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Airflow's {name} did not come back; see "
+                                   f"{self.home}/logs/{name}.log")
+            time.sleep(0.5)
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -126,11 +170,8 @@ def start(home: Path, port: Optional[int] = None, voxflow_home: Optional[Path] =
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     af = LocalAirflow(home, port, env)
     (home / "logs").mkdir(exist_ok=True)
-    for name, args in COMPONENTS.items():
-        log = open(home / "logs" / f"{name}.log", "ab")
-        af.procs[name] = subprocess.Popen([*airflow, *args], env=env, stdout=log, stderr=log,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+    for name in COMPONENTS:
+        af.launch(name)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -1,12 +1,20 @@
-"""The trigger form: Airflow Params generated from the `RunConfig` JSON schema.
+"""The trigger form: Airflow Params for what a user changes per run, from the `RunConfig`
+JSON schema.
 
-Each leaf of the config becomes one Param named by its dotted path (`inference.chunk`),
-grouped in the form by its top-level section, with the pipeline YAML's value as default and
-the field's description. `config_from_params` folds a run's params back into the nested
-mapping that `RunConfig` validates, so a bad value is refused naming the same dotted field.
+Each per-run leaf of the config becomes one Param named by its dotted path
+(`inference.chunk`), grouped in the form by section in the order a run uses them (volume,
+model, inference, output, downsample, workers), with the pipeline YAML's value as default and
+the field's description. What belongs to the deployment — queue, prices and throughputs,
+where and on what machines workers run — is not in the form: it stays as the pipeline YAML
+says (`fixed_config`), and an API caller may still override any dotted key in the run's conf.
+An `[x, y, z]` is a one-line field ("64 64 8", "64, 64, 8" or JSON). `config_from_params`
+folds a run's params back onto the fixed part, so a bad value is refused naming the same
+dotted field.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Iterator, Mapping
 
 from airflow.sdk import Param
@@ -15,6 +23,23 @@ from voxflow.config import RunConfig
 
 _SCHEMA_KEYS = ("type", "enum", "items", "minItems", "maxItems", "minimum", "maximum",
                 "exclusiveMinimum", "exclusiveMaximum", "minLength")
+# form sections in the order a run uses them: (section, dotted prefixes or keys)
+SECTIONS = (
+    ("volume", ("input", "mip", "bbox.", "input_missing")),
+    ("model", ("model.",)),
+    ("inference", ("inference.",)),
+    ("output", ("output", "output_dtype", "storage_chunk", "sharding", "shard_bytes")),
+    ("downsample", ("downsample.",)),
+    ("workers", ("workers.inference.max", "workers.blend.max", "workers.downsample.max")),
+)
+_VECTOR = re.compile(r"^\s*\[?\s*(-?\d+)\s*[,\s]\s*(-?\d+)\s*[,\s]\s*(-?\d+)\s*\]?\s*$")
+
+
+def _section(key: str) -> str | None:
+    for name, keys in SECTIONS:
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys):
+            return name
+    return None
 
 
 def _resolve(node: dict, defs: dict) -> dict:
@@ -58,32 +83,82 @@ def _get(mapping: Any, dotted: str) -> Any:
     return mapping
 
 
+def _one_line(leaf: dict, default: Any) -> tuple[dict, Any]:
+    """An [x, y, z] leaf as a one-line text field: Airflow's form draws an array (or a leaf
+    of several types) as a multi-line code editor, but a leaf without a `type` whose
+    value is a string as a text field. So the schema is `anyOf` a "x y z" string or the
+    list (API callers may send either), and the default is shown as "x y z"."""
+    types = leaf["type"] if isinstance(leaf.get("type"), list) else [leaf.get("type")]
+    if "array" not in types or not leaf.get("minItems") == leaf.get("maxItems") == 3:
+        return leaf, default
+    array = {k: v for k, v in leaf.items() if k != "type"}
+    options = [{"type": "string", "pattern": _VECTOR.pattern}, {"type": "array", **array}]
+    if "null" in types:
+        options.append({"type": "null"})
+    text = " ".join(map(str, default)) if isinstance(default, list) else default
+    return {"anyOf": options}, text
+
+
 def config_params(config: RunConfig) -> dict[str, Param]:
-    """One Param per config leaf, defaults from `config` (the pipeline YAML, validated)."""
+    """One Param per per-run config leaf, in `SECTIONS` order, defaults from `config` (the
+    pipeline YAML, validated)."""
     schema = RunConfig.model_json_schema()
     defs = schema.get("$defs", {})
     values = config.model_dump(mode="json")
+    leaves = {key: leaf for key, leaf in _leaves(schema["properties"], defs)}
     params = {}
-    for key, leaf in _leaves(schema["properties"], defs):
-        section = key.split(".", 1)[0] if "." in key else "run"
-        description = leaf.pop("description", "")
-        default = _get(values, key)
-        if default is None and "null" not in leaf.get("type", []):
-            leaf["type"] = [leaf.get("type", "string"), "null"]
-        params[key] = Param(default, description=description, section=section, **leaf)
+    for name, _ in SECTIONS:
+        for key, leaf in leaves.items():
+            if _section(key) != name:
+                continue
+            leaf = dict(leaf)
+            description = leaf.pop("description", "")
+            default = _get(values, key)
+            if default is None and "null" not in leaf.get("type", []):
+                leaf["type"] = [leaf.get("type", "string"), "null"]
+            leaf, default = _one_line(leaf, default)
+            params[key] = Param(default, description=description, section=name, **leaf)
     return params
 
 
-def config_from_params(params: Mapping[str, Any]) -> dict:
-    """Nested config mapping from flat dotted params; unset (None) leaves are left out so
-    their defaults are derived as in a YAML file."""
-    nested: dict = {}
-    for key, value in params.items():
-        if value is None or key.startswith("_"):
-            continue
+def fixed_config(config: RunConfig) -> dict:
+    """The config values the form does not show (the deployment's), nested."""
+    schema = RunConfig.model_json_schema()
+    values = config.model_dump(mode="json", exclude_none=True)
+    return _nest({key: _get(values, key) for key, _ in
+                  _leaves(schema["properties"], schema.get("$defs", {}))
+                  if _section(key) is None and _get(values, key) is not None})
+
+
+def _vector(value: Any) -> Any:
+    """"64 64 8", "64, 64, 8" or "[64, 64, 8]" -> [64, 64, 8]; anything else as given
+    (the config refuses it, naming the field)."""
+    if isinstance(value, str):
+        m = _VECTOR.match(value)
+        if m:
+            return [int(v) for v in m.groups()]
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _nest(flat: Mapping[str, Any], into: dict | None = None) -> dict:
+    nested: dict = into if into is not None else {}
+    for key, value in flat.items():
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+def config_from_params(params: Mapping[str, Any], fixed: Mapping | None = None) -> dict:
+    """Nested config mapping from flat dotted params over the `fixed` part; unset (None)
+    leaves are left out so their defaults are derived as in a YAML file."""
+    nested = json.loads(json.dumps(fixed or {}))
+    return _nest({key: _vector(value) for key, value in params.items()
+                  if value is not None and not key.startswith("_")}, nested)

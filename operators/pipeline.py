@@ -84,9 +84,10 @@ class PlanRunOperator(BaseOperator):
 
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, base_dir: str, **kwargs):
+    def __init__(self, *, base_dir: str, fixed: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         self.base_dir = base_dir
+        self.fixed = fixed or {}             # what the form does not show (`fixed_config`)
 
     def execute(self, context) -> dict:
         from voxflow.cli import bill_lines
@@ -96,14 +97,19 @@ class PlanRunOperator(BaseOperator):
         from voxflow.runner import register
         from voxflow.stages import stage_names
         try:
-            config = parse_config(config_from_params(context["params"]),
+            config = parse_config(config_from_params(context["params"], self.fixed),
                                   base_dir=self.base_dir)
             p = plan(config)
         except ConfigError as exc:
+            # kept for the console's DAG-run tab: the refusal where the user looks
+            context["ti"].xcom_push(key="refused", value={"field": exc.field,
+                                                          "message": exc.message})
             raise AirflowFailException(f"refused, nothing published: {exc}") from None
         estimate = bill(p)                     # before anything is written
         self.log.info("the bill, before anything runs:\n%s", "\n".join(bill_lines(estimate)))
-        run, meta = register(config, p)
+        run, meta = register(config, p, estimate=estimate, orchestrator={
+            "driver": "airflow", "dag_id": context["dag"].dag_id,
+            "dag_run_id": context["run_id"]})
         self.log.info("run %s: %s voxels, stages %s, output %s, model %s", run, p.bbox.size,
                       stage_names(p), config.output, meta["model_digest"])
         return {"run": run, "config": config.model_dump_json(), "stages": stage_names(p),
@@ -249,7 +255,7 @@ class FinalizeOperator(BaseOperator):
         from voxflow.cli import spent_lines
         from voxflow.cost import spent
         from voxflow.runner import delete_temporary
-        from voxflow.view import neuroglancer_link
+        from voxflow.view import neuroglancer_link, view_link
         info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
         run, config = _run(context)
         used = spent(config, run)                # counts the partial sums: before deleting
@@ -273,8 +279,10 @@ class FinalizeOperator(BaseOperator):
             "voxels": info["voxels"],
             "seconds": round(seconds, 1), "voxels_per_second": round(info["voxels"] / seconds),
             "stages": stages, "bill": info.get("bill"), "spent": used,
-            "neuroglancer": (f"voxflow view {config.input} {config.output}" if local else
+            # local layers: the link of `voxflow view` (the command below serves them)
+            "neuroglancer": (view_link([config.input, config.output]) if local else
                              neuroglancer_link({"image": config.input, "output": config.output})),
+            "view_command": f"voxflow view {config.input} {config.output}" if local else None,
         }
         self.log.info("summary: %s", summary)
         if info.get("bill"):

@@ -1,5 +1,6 @@
-"""The voxflow Airflow plugin: a runs page (progress per stage, dead letters) under
-/voxflow, linked from the UI's Browse menu, and a Neuroglancer link on the finalize task."""
+"""The voxflow Airflow plugin: the console (runs, a run's progress, chunk map and dead
+letters) under /voxflow, in the UI's Browse menu and as a tab of every DAG run, and a
+Neuroglancer link on the finalize task."""
 from airflow.plugins_manager import AirflowPlugin
 
 from operators.links import NeuroglancerLink
@@ -8,7 +9,11 @@ from operators.ui import app
 
 class VoxflowPlugin(AirflowPlugin):
     name = "voxflow"
-    fastapi_apps = [{"app": app, "url_prefix": "/voxflow", "name": "voxflow runs"}]
-    external_views = [{"name": "voxflow runs", "href": "/voxflow/", "destination": "nav",
-                       "category": "browse"}]
+    fastapi_apps = [{"app": app, "url_prefix": "/voxflow", "name": "voxflow console"}]
+    external_views = [
+        {"name": "voxflow runs", "href": "/voxflow/", "destination": "nav",
+         "category": "browse", "url_route": "voxflow"},
+        {"name": "voxflow", "href": "/voxflow/dag-run/{DAG_ID}/{RUN_ID}",
+         "destination": "dag_run", "url_route": "voxflow-run"},
+    ]
     operator_extra_links = [NeuroglancerLink()]

@@ -150,3 +150,17 @@ def queue_url_for(backend: str, tmp_path, request) -> str:
 # Session fixtures of the emulators (tests/ is on sys.path under pytest's default import mode)
 from gcs_emulator import gcs  # noqa: E402,F401
 from pubsub_emulator import pubsub  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def console_airflow(tmp_path_factory):
+    """A real Airflow with the console tests' pipelines (tests/console_support.py)."""
+    from console_support import start_console_airflow
+    yield from start_console_airflow(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium through Playwright (never a downloaded browser)."""
+    from console_support import start_browser
+    yield from start_browser()

@@ -1,5 +1,6 @@
 """The pipeline as Airflow DAGs: parsing, the trigger form, and real runs through a real
 Airflow (api-server, scheduler, dag-processor, triggerer) started here on a loopback port."""
+import copy
 import json
 import os
 import shutil
@@ -62,8 +63,8 @@ def test_trigger_form_params_come_from_the_config(dagbag):
     dag = dagbag.dags["demo"]
     params = dag.params
     data = yaml.safe_load((REPO / "dags" / "pipelines" / "demo.yaml").read_text())
-    assert params["inference.chunk"] == data["inference"]["chunk"]
-    assert params["model.input_patch"] == data["model"]["input_patch"]
+    assert params["inference.chunk"] == " ".join(map(str, data["inference"]["chunk"]))
+    assert params["model.input_patch"] == " ".join(map(str, data["model"]["input_patch"]))
     assert params["output_dtype"] == "uint8"
     raw = params.get_param("inference.blend")
     assert raw.schema["enum"] == ["crop", "overlap"] and raw.schema["section"] == "inference"
@@ -71,8 +72,42 @@ def test_trigger_form_params_come_from_the_config(dagbag):
     bad = params.get_param("model.precision")
     with pytest.raises(ParamValidationError):
         bad.resolve("fp8")
-    with pytest.raises(ParamValidationError):
-        params.get_param("inference.chunk").resolve([1, 2])
+    chunk = copy.deepcopy(params.get_param("inference.chunk"))    # resolve keeps the value
+    for wrong in ([1, 2], "1 2", "a b c"):
+        with pytest.raises(ParamValidationError):
+            chunk.resolve(wrong)
+    assert chunk.resolve([64, 64, 8]) == [64, 64, 8] and chunk.resolve("64, 64 8")
+
+
+def test_the_form_holds_per_run_fields_in_run_order_and_the_yaml_keeps_the_rest(dagbag):
+    """No queue, prices or worker machines in the form (they are the deployment's); the
+    plan task lays the form's values over the YAML's fixed part, so the effective config
+    of an untouched form is the YAML's, and a one-line "x y z" becomes the list."""
+    from operators.params import SECTIONS, config_from_params
+    from voxflow.config import parse_config
+    from voxflow.pipeline_file import load_pipeline
+    dag = dagbag.dags["demo"]
+    keys = list(dag.params.keys())
+    assert not [k for k in keys if k.startswith(("queue.", "cost.")) or ".gce." in k
+                or (k.startswith("workers.") and not k.endswith(".max"))]
+    sections = [dag.params.get_param(k).schema["section"] for k in keys]
+    order = [name for name, _ in SECTIONS]
+    assert sections == sorted(sections, key=order.index)
+    assert len(keys) < 45
+    plan = dag.get_task("plan")
+    assert set(plan.fixed) == {"queue", "workers", "cost"}
+    yaml_config = load_pipeline(REPO / "dags" / "pipelines" / "demo.yaml")[1]
+    form = {k: dag.params[k] for k in keys}
+    effective = parse_config(config_from_params(form, plan.fixed))
+    # (the default queue's path follows VOXFLOW_HOME where the DAG was parsed)
+    assert effective.queue.url == plan.fixed["queue"]["url"]
+    assert effective == yaml_config.model_copy(update={"queue": effective.queue})
+    form["inference.chunk"] = "[256, 256, 32]"
+    form["inference.patch_overlap"] = "8,8 2"
+    changed = parse_config(config_from_params(form, plan.fixed))
+    assert changed.inference.chunk == [256, 256, 32]
+    assert changed.inference.patch_overlap == [8, 8, 2]
+    assert changed.workers == yaml_config.workers and changed.queue == effective.queue
 
 
 # -- a real Airflow ---------------------------------------------------------------------
@@ -236,10 +271,17 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
     events = airflow.api("GET", "/assets/events?limit=100", token=airflow.tok)["asset_events"]
     assert any(e["uri"] == f"file://{airflow.data}/out-a" and e["source_dag_id"] == "e2e"
                and e["source_run_id"] == a for e in events), events
-    assert summary["neuroglancer"].startswith("voxflow view ")     # a local output
+    # a local output: the link `voxflow view` serves (the same on this machine), its command
+    layers = [f"file://{airflow.data}/image", f"file://{airflow.data}/out-a"]
+    assert summary["view_command"] == f"voxflow view {' '.join(layers)}"
+    with pytest.MonkeyPatch.context() as env:           # the Airflow components' home
+        env.setenv("VOXFLOW_HOME", str(airflow.voxflow_home))
+        from voxflow.view import view_link
+        assert summary["neuroglancer"] == view_link(layers)
+    assert summary["neuroglancer"].startswith("https://neuroglancer-demo.appspot.com/#!")
     links = airflow.api("GET", f"/dags/e2e/dagRuns/{a}/taskInstances/finalize/links",
                         token=airflow.tok)
-    assert links["extra_links"] == {"Neuroglancer": "/voxflow/"}
+    assert links["extra_links"] == {"Neuroglancer": summary["neuroglancer"]}
 
 
 def test_a_run_on_the_pubsub_queue(airflow):
@@ -451,29 +493,33 @@ def test_schedule_and_asset_triggers(tmp_path):
 def test_runs_page_opens_only_the_deployments_queues(airflow, tmp_path):
     unknown = tmp_path / "elsewhere" / "queue.db"
     for url in (f"sqlite://{unknown}", "pubsub://other-project/x?ledger=gs://theirs/l"):
-        for path in ("/voxflow/runs", "/voxflow/"):
+        for path in ("/voxflow/api/runs", "/voxflow/api/runs/x"):
             with pytest.raises(urllib.error.HTTPError) as err:
                 _plugin_get(airflow, f"{path}?queue={url}")
             assert err.value.code == 404
     assert not unknown.parent.exists()
     default = airflow.voxflow_home / "queue.db"         # embedded default: no run used it
     assert not default.exists()
-    assert _plugin_get(airflow, "/voxflow/runs") == []
+    assert [r for r in _plugin_get(airflow, "/voxflow/api/runs?queue=sqlite://"
+                                   f"{default}")] == []
     assert not default.exists()                         # a GET changes nothing
 
 
 def test_plugin_runs_page_needs_login_and_shows_progress(airflow):
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"{airflow.url}/voxflow/runs", timeout=30)
+        urllib.request.urlopen(f"{airflow.url}/voxflow/api/runs", timeout=30)
     assert err.value.code in (401, 403)
-    runs = [r for r in _plugin_get(airflow, "/voxflow/runs?queue="
-                                   f"sqlite://{airflow.data}/queue.db") if "inference" in r["stages"]]
-    assert runs and all(r["stages"]["inference"]["total"] > 0 for r in runs)
-    page = _plugin_get(airflow, f"/voxflow/?queue=sqlite://{airflow.data}/queue.db", raw=True)
-    assert "voxflow runs" in page and runs[0]["run"] in page
+    runs = [r for r in _plugin_get(airflow, "/voxflow/api/runs") if
+            r["queue"] == f"sqlite://{airflow.data}/queue.db"]
+    assert runs and all(r["stages"][0]["stage"] == "inference" and
+                        r["stages"][0]["total"] > 0 for r in runs)
+    assert {r["orchestrator"]["dag_id"] for r in runs} <= {"e2e", "crop", "watched"}
+    page = _plugin_get(airflow, "/voxflow/", raw=True)
+    assert "voxflow runs" in page and "/static/console.js" in page
     plugins = airflow.api("GET", "/plugins", token=airflow.tok)["plugins"]
     mine = [p for p in plugins if p["name"] == "voxflow"]
-    assert mine and mine[0]["fastapi_apps"] and mine[0]["external_views"]
+    assert mine and mine[0]["fastapi_apps"]
+    assert {v["destination"] for v in mine[0]["external_views"]} == {"nav", "dag_run"}
 
 
 def _plugin_get(af, path, raw=False):

@@ -274,7 +274,13 @@ def test_one_broken_pipeline_file_leaves_the_others_in_airflow(tmp_path, monkeyp
     _bad_pipeline(dags / "pipelines")
     from airflow.dag_processing.dagbag import DagBag
     bag = DagBag(str(dags))
-    assert sorted(bag.dags) == ["demo"]
-    (error,) = bag.import_errors.values()
-    assert "pipelines/broken.yaml: inference.patch_overlap" in error
-    assert "pipelines/typo.yaml: schedul: unknown key" in error
+    assert bag.import_errors == {}         # an import error would make Airflow hide them all
+    assert sorted(bag.dags) == ["broken", "demo", "typo"]
+    assert "refused" not in bag.dags["demo"].tags
+    for name, error in (("broken", "pipelines/broken.yaml: inference.patch_overlap"),
+                        ("typo", "pipelines/typo.yaml: schedul: unknown key")):
+        dag = bag.dags[name]
+        assert "refused" in dag.tags and error in dag.description
+        assert dag.schedule is None and [t.task_id for t in dag.tasks] == ["refused"]
+        with pytest.raises(Exception, match="refused, nothing runs: " + error):
+            dag.get_task("refused").execute({})

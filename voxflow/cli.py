@@ -143,7 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cmd.add_argument("--queue", help="queue URL (default: the embedded queue)")
     view = sub.add_parser("view", help="serve layers to Neuroglancer on 127.0.0.1")
     view.add_argument("layers", nargs="+", help="precomputed layers (local paths or URLs)")
-    view.add_argument("--port", type=int, default=1337)
+    view.add_argument("--port", type=int, default=1337, help="default 1337: the port of the "
+                      "links the Airflow UI shows")
     args = parser.parse_args(argv)
 
     if args.command in ("worker", "run", "demo", "bench-model"):     # they run the model
@@ -310,7 +311,7 @@ def _status(args) -> int:
     for name, s in stats.items():
         print(f"{name:>14} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} {s.dead:>9}")
     for d in queue.dead_letters(args.run, limit=20):
-        print(f"dead: {d.stage} #{d.index} after {d.attempts} attempt(s): {d.error}")
+        print(f"dead: {d.stage} #{d.index} after {d.attempts} attempt(s): {d.headline}")
     return 0
 
 

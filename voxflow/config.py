@@ -42,8 +42,18 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
     return str((base / os.path.expanduser(local)).resolve())
 
 
-def _as_layer_url(value: str, info: ValidationInfo) -> str:
+READ_SCHEMES = ("file", "gs", "s3", "http", "https")    # cloud-volume reads these
+WRITE_SCHEMES = ("file", "gs", "s3")                    # ... and writes these
+
+
+def _as_layer_url(value: str, info: ValidationInfo, schemes=WRITE_SCHEMES) -> str:
+    """A layer's URL: a local path becomes file://; a remote scheme must be one voxflow
+    reads (inputs) or writes (the rest), refused here rather than by a library later."""
     if "://" in value and not value.startswith("file://"):
+        scheme = value.removeprefix("precomputed://").split("://", 1)[0]
+        if scheme not in schemes:
+            raise ValueError(f"{value}: unsupported scheme {scheme}:// (use "
+                             f"{', '.join(s + '://' for s in schemes)}, or a local path)")
         return value.rstrip("/")
     return "file://" + _resolve_path(value, info)
 
@@ -592,7 +602,8 @@ class RunConfig(_Section):
     def _layer_url(cls, value: str, info: ValidationInfo) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
-        return _as_layer_url(value, info)
+        return _as_layer_url(value, info, READ_SCHEMES if info.field_name == "input"
+                             else WRITE_SCHEMES)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -644,20 +655,26 @@ class RunConfig(_Section):
 
 
 def _error_from_pydantic(exc: ValidationError) -> ConfigError:
-    parts, field = [], None
+    """One line naming the first bad field. A union's alternatives (pydantic tags them
+    `constrained-int`, `literal['auto']`, ...) are one field: its messages joined by "or"."""
+    found: dict[str, list[str]] = {}
     for err in exc.errors():
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, ConfigError):
             return ctx_err
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
-        field = field or loc
+        loc = ".".join(str(p) for p in err["loc"]
+                       if isinstance(p, str) and p.isidentifier()) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "is required"
-        parts.append(msg if loc == field and not parts else f"{loc}: {msg}")
-    return ConfigError(field or "config", "; ".join(parts))
+        if msg not in found.setdefault(loc, []):
+            found[loc].append(msg)
+    field = next(iter(found))
+    parts = [", or ".join(msgs) if loc == field else f"{loc}: {', or '.join(msgs)}"
+             for loc, msgs in found.items()]
+    return ConfigError(field, "; ".join(parts))
 
 
 def parse_config(data: Any, base_dir: str | os.PathLike | None = None) -> RunConfig:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .geometry import Box
 
 VERSION = 1
+MAX_BYTES = 4096          # a task message is ~100 bytes; anything far larger is not one
 Int3 = Annotated[list[int], Field(min_length=3, max_length=3)]
 
 
@@ -45,8 +46,25 @@ def encode(run: str, stage: str, index: int, box: Box) -> str:
 
 
 def decode(body: str | bytes) -> TaskMessage:
+    """A `TaskMessage`, or `MalformedMessage` saying what is wrong: too large (refused before
+    it is parsed), not JSON, another version, or the first bad field."""
+    size = len(body)
+    if size > MAX_BYTES:
+        raise MalformedMessage(f"malformed task message ({size} bytes; a task message is at "
+                               f"most {MAX_BYTES})")
     try:
-        return TaskMessage.model_validate_json(body)
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"malformed task message (not JSON: {exc})") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"malformed task message (a JSON {type(data).__name__}, not an "
+                               "object)")
+    if "v" in data and data["v"] != VERSION:
+        raise MalformedMessage(f"task message version {data['v']!r} is not one this worker "
+                               f"reads (version {VERSION}): a newer or older voxflow "
+                               "published it")
+    try:
+        return TaskMessage.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"

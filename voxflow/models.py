@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import io
 import os
+import re
 import sys
 import time
 import types
@@ -24,6 +25,34 @@ from .config import ConfigError, ModelConfig, voxflow_home
 from .identity import digest_model_bytes, read_model_files
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
+
+
+class ModelOutputError(RuntimeError):
+    """The model's output is not what the run declared, or not finite: the task fails (it is
+    never written) and `field` names the config key it contradicts. A stage adds the chunk
+    (`on_chunk`); plan's `Model.check` turns it into a `ConfigError`."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(message)
+
+    def on_chunk(self, stage: str, index: int, box) -> "ModelOutputError":
+        return ModelOutputError(self.field, f"{stage} task {index} (box {box}): "
+                                f"{self.message}")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:limit]
+
+
+def _model_error(exc: BaseException, limit: int = 300) -> str:
+    """The model's own error in one line; of a TorchScript error (its serialized code and
+    traceback, then the error) only the error."""
+    text = str(exc)
+    if "TorchScript interpreter" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        text = text.split(": ", 1)[1] if re.match(r"^\w+(Error|Exception): ", text) else text
+    return " ".join(text.split())[:limit]
 
 
 def pick_device(device: str) -> torch.device:
@@ -98,7 +127,12 @@ def _load_python(cfg: ModelConfig, source: bytes, weights: Optional[bytes]) -> t
     module = types.ModuleType(name)
     module.__file__ = str(path)
     sys.modules[name] = module                 # dataclasses and pickling look modules up
-    exec(compile(source, str(path), "exec"), module.__dict__)
+    try:
+        exec(compile(source, str(path), "exec"), module.__dict__)
+    except Exception as exc:                   # the file's own error, whatever it is
+        sys.modules.pop(name, None)
+        raise ConfigError("model.path", f"{path.name} raised on import: "
+                          f"{_one_line(exc)}") from None
     if cfg.entry:
         if not hasattr(module, cfg.entry):
             raise ConfigError("model.entry", f"{path.name} defines no {cfg.entry!r}")
@@ -114,13 +148,29 @@ def _load_python(cfg: ModelConfig, source: bytes, weights: Optional[bytes]) -> t
                               "nn.Module classes and no build_model(); name one with "
                               "model.entry")
         factory = classes[0]
-    net = factory()
+    try:
+        net = factory()
+    except Exception as exc:
+        raise ConfigError("model.entry", f"{getattr(factory, '__name__', factory)}() of "
+                          f"{path.name} raised: {_one_line(exc)}") from None
+    if not isinstance(net, torch.nn.Module):
+        raise ConfigError("model.entry", f"{getattr(factory, '__name__', factory)}() of "
+                          f"{path.name} returned {type(net).__name__}, not a torch.nn.Module")
     if weights is not None:
-        if Path(cfg.weights).suffix == ".safetensors":
-            from safetensors.torch import load as load_safetensors
-            state = load_safetensors(weights)
-        else:
-            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        name = Path(cfg.weights).name
+        try:
+            if Path(cfg.weights).suffix == ".safetensors":
+                from safetensors.torch import load as load_safetensors
+                state = load_safetensors(weights)
+            else:             # weights_only: a pickle that would run code is refused
+                state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConfigError("model.weights", f"{name} is not a readable state dict (a "
+                              ".safetensors file, or a torch.save of tensors only): "
+                              f"{_one_line(exc, 200)}") from None
+        if not isinstance(state, dict):
+            raise ConfigError("model.weights", f"{name} holds a {type(state).__name__}, not "
+                              "a state dict")
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
@@ -160,7 +210,11 @@ class Model:
         self.static_batch: Optional[int] = None
         on_cuda = self.device.type == "cuda"
         if path.suffix == ".pt2":
-            program = torch.export.load(io.BytesIO(data))
+            try:
+                program = torch.export.load(io.BytesIO(data))
+            except Exception as exc:
+                raise ConfigError("model.path", f"{path.name} is not a torch.export program: "
+                                  f"{_one_line(exc, 200)}") from None
             self.static_batch = _static_batch(program)
             if on_cuda:
                 from torch.export.passes import move_to_device_pass
@@ -211,7 +265,7 @@ class Model:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """(n, c, z, y, x) float32 -> (n, C, z', y', x') float32."""
+        """(n, c, z, y, x) float32 -> (n, C, z', y', x') float32, checked (`_checked`)."""
         n = batch.shape[0]
         if self.static_batch is not None and n != self.static_batch:
             if n > self.static_batch:
@@ -223,9 +277,47 @@ class Model:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
         with self._autocast:
             out = self._net(batch)
-        if isinstance(out, (tuple, list)):
+        if isinstance(out, (tuple, list)) and out:
             out = out[0]
-        return out[:n].float()
+        return self._checked(out, batch.shape[0], n)
+
+    def _checked(self, out, sent: int, n: int) -> torch.Tensor:
+        """The one check of what a model returns, every batch, wherever it runs (plan's
+        `check`, warm-up, every task): a tensor of floats, (sent, output_channels, patch),
+        finite. Shapes are host metadata; finiteness is one reduction on the device and one
+        bool read back per batch (a forward pass is far longer). A model that breaks any of
+        these raises `ModelOutputError` naming the field: its output is never blended,
+        so NaN or a mis-shaped patch is never written."""
+        cfg = self.config
+        if not isinstance(out, torch.Tensor):
+            raise ModelOutputError("model.path", f"the model returned a {type(out).__name__}, "
+                                   "not a tensor")
+        if not (out.dtype.is_floating_point):
+            raise ModelOutputError("model.path", f"the model returned dtype "
+                                   f"{str(out.dtype).removeprefix('torch.')}; voxflow blends "
+                                   "floating-point outputs (probabilities)")
+        if out.ndim != 5:
+            raise ModelOutputError("model.path", f"the model returned {out.ndim} dimensions "
+                                   f"{list(out.shape)}, expected 5 (n, c, z, y, x)")
+        if out.shape[0] != sent:
+            raise ModelOutputError("model.path", f"the model returned a batch of "
+                                   f"{out.shape[0]} for a batch of {sent}")
+        if out.shape[1] != cfg.output_channels:
+            raise ModelOutputError("model.output_channels", f"the model outputs "
+                                   f"{out.shape[1]} channels, the config declares "
+                                   f"{cfg.output_channels}")
+        spatial = list(reversed(out.shape[2:]))
+        if spatial not in (list(cfg.input_patch), list(cfg.output_patch)):
+            raise ModelOutputError("model.output_patch", f"the model outputs a {spatial} "
+                                   f"patch for input {cfg.input_patch} (batch of {sent}); "
+                                   f"expected {cfg.output_patch} or the input patch")
+        out = out[:n]
+        finite = torch.isfinite(out)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise ModelOutputError("model.path", f"the model returned NaN or Inf ({bad} of "
+                                   f"{finite.numel()} values in a batch of {n} patches)")
+        return out.float()
 
     def resolve_batch(self, input_channels: int) -> int:
         """The batch size to run at: as given, or for "auto" `auto_batch_size` of this
@@ -267,24 +359,16 @@ class Model:
         return seconds
 
     def check(self, input_channels: int) -> None:
-        """Run one zero patch and refuse a model whose output is not as the config declares."""
+        """Run one zero patch and refuse a model whose output is not as the config declares
+        (the checks every batch gets, `_checked`, as a `ConfigError` naming the field)."""
         cfg = self.config
-        c_in = input_channels
-        batch = torch.zeros((self.static_batch or 1, c_in, *reversed(cfg.input_patch)),
+        batch = torch.zeros((self.static_batch or 1, input_channels, *reversed(cfg.input_patch)),
                             device=self.device)
         try:
-            out = self(batch)
+            self(batch)
+        except ModelOutputError as exc:
+            raise ConfigError(exc.field, exc.message) from None
         except Exception as exc:  # the model's own error, whatever it is, names no field
-            raise ConfigError("model.input_patch", f"the model failed on a {cfg.input_patch} "
-                              f"patch: {' '.join(str(exc).split())[:300]}") from None
-        if out.ndim != 5:
-            raise ConfigError("model.path", f"model output has {out.ndim} dimensions, "
-                              "expected 5 (n, c, z, y, x)")
-        if out.shape[1] != cfg.output_channels:
-            raise ConfigError("model.output_channels", f"the model outputs {out.shape[1]} "
-                              f"channels, the config declares {cfg.output_channels}")
-        spatial = list(reversed(out.shape[2:]))
-        if spatial not in (list(cfg.input_patch), list(cfg.output_patch)):
-            raise ConfigError("model.output_patch", f"the model outputs a {spatial} patch for "
-                              f"input {cfg.input_patch}; expected {cfg.output_patch} or the "
-                              "input patch")
+            raise ConfigError("model.input_patch", f"the model failed on a zero batch of "
+                              f"{input_channels} channel(s) (the input layer's) x "
+                              f"{cfg.input_patch}: {_model_error(exc)}") from None

@@ -6,6 +6,8 @@ the driver (`voxflow.runner`) build on the `Plan`.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -45,10 +47,7 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
 
     Workers of a validated run skip the model check unless they run the model anyway.
     """
-    try:
-        source = Volume(config.input)
-    except LayerNotFound as exc:
-        raise ConfigError("input", str(exc)) from None
+    source = open_layer(config.input, "input")
     if config.mip >= source.num_mips:
         raise ConfigError("mip", f"{config.mip} is not a mip of the input (it has mips "
                           f"0..{source.num_mips - 1})")
@@ -82,6 +81,57 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
                 grid, tuple(passes), shards, shard_bytes)
 
 
+def open_layer(url: str, field: str) -> Volume:
+    """`Volume(url)`, or a `ConfigError` naming `field` and saying why it cannot be read: no
+    layer, an `info` that is not JSON or not a precomputed info, no credentials. LayerNotFound
+    passes through for an output that is simply not there yet."""
+    _check_google_credentials(url, field)
+    try:
+        return Volume(url)
+    except LayerNotFound:
+        if field == "output":
+            raise
+        raise ConfigError(field, f"no precomputed layer at {url}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(field, f"the info of {url} is not valid JSON "
+                          f"({type(exc).__name__}: {exc})") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ConfigError(field, f"the info of {url} is not a precomputed info "
+                          f"({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        if type(exc).__name__ == "DefaultCredentialsError":
+            raise _no_credentials(url, field, exc) from None
+        raise ConfigError(field, f"cannot open {url}: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:300]}") from None
+
+
+def _no_credentials(url: str, field: str, exc: BaseException) -> ConfigError:
+    return ConfigError(field, f"cannot open {url}: no Google credentials "
+                       f"({type(exc).__name__}: {exc}): set GOOGLE_APPLICATION_CREDENTIALS to a "
+                       "service account key, run `gcloud auth application-default login`, or "
+                       "use the workers' service account")
+
+
+def _check_google_credentials(url: str, field: str) -> None:
+    """Refuse a gs:// layer at once when no credentials can be found where cloud-files
+    looks (its secrets folder, then Google's default credentials): cloud-files would retry
+    for ~20 s before failing with the same error. An emulator needs none."""
+    if not url.removeprefix("precomputed://").startswith("gs://") or \
+            os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    from cloudfiles.secrets import secretpath
+    bucket = url.removeprefix("precomputed://").removeprefix("gs://").split("/", 1)[0]
+    if any(os.path.exists(secretpath(name)) for name in (f"{bucket}-google-secret.json",
+                                                          "google-secret.json")):
+        return
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+    try:
+        google.auth.default()
+    except DefaultCredentialsError as exc:
+        raise _no_credentials(url, field, exc) from None
+
+
 def _shard_shapes(config: RunConfig, bounds: Box,
                   voxel_bytes: int) -> tuple[Optional[tuple[Vec3, ...]], Optional[int]]:
     """The output's shard shape at every mip and a full shard's bytes, or (None, None) when
@@ -110,7 +160,7 @@ def uses_sharding(config: RunConfig) -> bool:
 def _check_existing_output(config: RunConfig, bounds: Box, resolution,
                            shards: Optional[tuple[Vec3, ...]]) -> None:
     try:
-        out = Volume(config.output)
+        out = open_layer(config.output, "output")
     except LayerNotFound:
         return
     wanted = {"num_channels": config.model.output_channels, "dtype": config.output_dtype,

@@ -4,7 +4,8 @@ DAG factory reads them; every refusal is a `ConfigError` naming the field.
 
 Pipeline keys: `schedule` (cron or preset), `assets` (URIs whose update triggers a run),
 `watch` (files whose content is polled: a change starts a run; `model` means the run's
-model file and weights), `watch_seconds`, `catchup`, `description`, `tags`.
+model file and weights), `watch_seconds`, `catchup`, `description`, `tags`,
+`approve_above_usd` (a cost gate: runs estimated above it wait for a person's approval).
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ class PipelineKeys(_Section):
     watch_seconds: float = Field(60.0, gt=0, description="How often watched files are "
                                  "polled.")
     catchup: bool = Field(False, description="Run the schedule's missed intervals.")
+    approve_above_usd: Optional[float] = Field(
+        None, ge=0, allow_inf_nan=False, strict=True,
+        description="Cost gate: a run whose plan estimate (the bill's dollars total) is above "
+        "this many dollars waits for a person to approve it in Airflow before anything is "
+        "published or any worker starts; rejecting it ends the run with nothing published. "
+        "At or below it the run goes on by itself. 0: every run asks. Unset: no gate.")
     description: Optional[str] = None
     tags: list[str] = []
 

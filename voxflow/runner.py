@@ -53,7 +53,7 @@ class RunFailed(RuntimeError):
 
     def __init__(self, run: str, stage: str, dead: list[DeadLetter], count: int):
         self.run, self.stage, self.dead, self.count = run, stage, dead, count
-        shown = "; ".join(f"#{d.index} after {d.attempts} attempt(s): {d.error}"
+        shown = "; ".join(f"#{d.index} after {d.attempts} attempt(s): {d.headline}"
                           for d in dead[:5])
         more = f" (and {count - 5} more: voxflow status {run})" if count > 5 else ""
         super().__init__(f"run {run}: {count} task(s) of stage {stage} are dead: {shown}{more}")
@@ -83,13 +83,19 @@ def default_run_id(config: RunConfig) -> str:
     return run_identity(config).run_id(config.output)
 
 
-def register(config: RunConfig, p: Plan, run_id: Optional[str] = None) -> tuple[str, dict]:
+def register(config: RunConfig, p: Plan, run_id: Optional[str] = None,
+             estimate: Optional[dict] = None, orchestrator: Optional[dict] = None
+             ) -> tuple[str, dict]:
     """Create the output layers and register the run with its queue (any orchestrator calls
-    this once plan has succeeded). Returns the run id and what the queue keeps with it."""
+    this once plan has succeeded). Returns the run id and what the queue keeps with it:
+    the identity, the plan's dollar estimate (`estimate`, the bill) and who drives the run
+    (`orchestrator`, e.g. the Airflow DAG run), which the console shows."""
     identity = run_identity(config)
     run_id = run_id or identity.run_id(config.output)
     created = create_layers(p)
-    meta = {**identity.meta(), "driver_timeout": config.queue.driver_timeout_seconds}
+    meta = {**identity.meta(), "driver_timeout": config.queue.driver_timeout_seconds,
+            "estimate_usd": (estimate or bill(p))["dollars"]["total"],
+            "orchestrator": orchestrator or {"driver": "voxflow run"}}
     queue = open_queue(config.queue.url, **queue_options(config))
     try:
         if created:
@@ -113,12 +119,13 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
     the first stage of their kind takes over (and closes, as any stage's group)."""
     started = started if started is not None else {}
     p = plan(config)
-    run_id, meta = register(config, p, run_id)
+    estimate = bill(p)
+    run_id, meta = register(config, p, run_id, estimate)
     queue = open_queue(config.queue.url, **queue_options(config))
     if reporter:
         reporter.begin(run_id, queue.url)
     summary = RunSummary(run_id, config.output, p.bbox.size, meta["model_digest"],
-                         bill=bill(p))
+                         bill=estimate)
     poll_seconds = max(poll_seconds, getattr(queue, "poll_seconds", 0.0))
     ended = "failed"
     try:

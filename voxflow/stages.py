@@ -21,12 +21,13 @@ from .blend import BandGrid, OverlapGrid
 from .downsample import downsample
 from .geometry import Box, ChunkGrid
 from .inference import SlidingWindow
-from .models import Model, pick_device, to_host
+from .models import Model, ModelOutputError, pick_device, to_host
 from .config import RunConfig
 from .pipeline import Plan, plan
+from .retry import transient
 from .sharding import shard_grid
 from .temporary import TemporaryStore, pack_key, partial_key, temporary_url
-from .volume import Volume
+from .volume import MissingChunk, Volume
 
 
 class Stage(Protocol):
@@ -51,6 +52,80 @@ def run_task(stage: Stage, index: int) -> None:
 def _host(data: Union[np.ndarray, Callable[[], np.ndarray]]) -> np.ndarray:
     """An array, or a pending device-to-host copy (`to_host`): the array."""
     return data() if callable(data) else data
+
+
+class UnknownStage(KeyError):
+    """A stage name that is no operation of the run: a message names operations, it is
+    never code."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown stage"
+
+
+class TaskOutsidePlan(IndexError):
+    """A task index that is not in its stage's grid."""
+
+
+def _task_box(grid, index: int, stage: str) -> Box:
+    """`grid.box(index)`, refusing an index outside the stage's tasks by name."""
+    if not 0 <= index < len(grid):
+        raise TaskOutsidePlan(f"task index {index} is outside stage {stage}'s {len(grid)} "
+                              "task(s) in the run's plan")
+    return grid.box(index)
+
+
+def _forward(stage: str, index: int, box: Box, fn: Callable[[], Any]) -> Any:
+    """Run a task's model work; a bad model output names the chunk. The model's own error
+    keeps its type and text (the queue keys it by task index) and gets a note with the box,
+    which the worker's log shows in its trace."""
+    try:
+        return fn()
+    except ModelOutputError as exc:
+        raise exc.on_chunk(stage, index, box) from None
+    except Exception as exc:
+        exc.add_note(f"while running the model on {stage} task {index}, box {box}")
+        raise
+
+
+class CorruptChunk(ValueError):
+    """A chunk file of the input that exists but cannot be decoded (truncated, garbage)."""
+
+
+def _read_input(volume: Volume, box: Box, pad: str) -> np.ndarray:
+    """`volume.read`, naming the chunk file when one cannot be decoded. cloud-volume's own
+    error names no file; on that (rare) path each storage chunk the read meets is read on its
+    own to find it. A missing chunk already names itself, and a storage error that is not
+    the data's (a retry budget spent, a connection lost) is not a corrupt chunk: it fails
+    the task as it is, and the queue retries it."""
+    try:
+        return volume.read(box, pad=pad)
+    except (MissingChunk, ConnectionError, TimeoutError):
+        raise
+    except Exception as exc:
+        if transient(exc):
+            raise
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    raise CorruptChunk(f"{_undecodable_chunk(volume, box)} of the input cannot be decoded "
+                       f"(reading {box}): {error}")
+
+
+def _undecodable_chunk(volume: Volume, box: Box) -> str:
+    inside, bounds = box.intersect(volume.bounds), volume.bounds
+    chunk, origin = volume.chunk, bounds.start
+    first = [o + (a - o) // c * c for a, o, c in zip(inside.start, origin, chunk)]
+    for z in range(first[2], inside.stop[2], chunk[2]):
+        for y in range(first[1], inside.stop[1], chunk[1]):
+            for x in range(first[0], inside.stop[0], chunk[0]):
+                cbox = Box((x, y, z), (x + chunk[0], y + chunk[1], z + chunk[2])
+                           ).intersect(bounds)
+                try:
+                    volume.read(cbox)
+                except Exception:
+                    if volume.shard_shape is not None:
+                        return f"chunk {cbox} of {volume.url}/{volume.key} (sharded)"
+                    name = "_".join(f"{a}-{b}" for a, b in zip(cbox.start, cbox.stop))
+                    return f"chunk {volume.url}/{volume.key}/{name}"
+    return f"a chunk of {volume.url}/{volume.key}"
 
 
 def to_output_dtype(prob: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -80,7 +155,7 @@ class InferenceStage:
         return len(self.plan.grid)
 
     def box(self, index: int) -> Box:
-        return self.plan.grid.box(index)
+        return _task_box(self.plan.grid, index, self.name)
 
     def read_box(self, index: int) -> Box:
         """The chunk plus margin, grown to at least one input patch."""
@@ -90,11 +165,11 @@ class InferenceStage:
                    [b + s - s // 2 for b, s in zip(read.stop, short)])
 
     def load(self, index: int) -> np.ndarray:
-        return self._input.read(self.read_box(index), pad=self.plan.config.inference.pad)
+        return _read_input(self._input, self.read_box(index), self.plan.config.inference.pad)
 
     def compute(self, index: int, image: np.ndarray) -> list[tuple[Box, Callable]]:
         box, read = self.box(index), self.read_box(index)
-        result = self.window(image)                      # covers read minus the patch margin
+        result = _forward(self.name, index, box, lambda: self.window(image))  # read - margin
         origin = [a + m for a, m in zip(read.start, self.plan.config.model.patch_margin)]
         crop = result[(slice(None), *box.zyx_slices(origin))]
         return [(box, to_host(to_output_dtype(crop, self.plan.config.output_dtype)))]
@@ -127,17 +202,19 @@ class OverlapInferenceStage(InferenceStage):
         return len(self.grid)
 
     def box(self, index: int) -> Box:
-        return self.grid.box(index)
+        return _task_box(self.grid, index, self.name)
 
     def load(self, index: int) -> np.ndarray:
-        return self._input.read(self.grid.read_box(index), pad=self.plan.config.inference.pad)
+        return _read_input(self._input, self.grid.read_box(index),
+                           self.plan.config.inference.pad)
 
     @torch.inference_mode()
     def compute(self, index: int, image: np.ndarray) -> tuple[str, list]:
         """("pieces", [(box, cell, values)]): final values of the exclusive box (cell None)
         and partial sums of band cells; sharded, ("pack", ...) of pieces split by shard."""
         cfg = self.plan.config
-        acc = self.window.weighted_sum(image, self.grid.patch_starts(index))
+        acc = _forward(self.name, index, self.box(index), lambda: self.window.weighted_sum(
+            image, self.grid.patch_starts(index)))
         _divide(acc, self.grid.weight_sums(index, cfg.inference.weighting))
         origin = self.grid.extent(index).start
 
@@ -185,7 +262,7 @@ class _Blend:
         return len(self.grid)
 
     def box(self, index: int) -> Box:
-        return self.grid.box(index)
+        return _task_box(self.grid, index, self.name)
 
 
 class BlendStage(_Blend):
@@ -275,7 +352,7 @@ class DownsampleStage:
         return len(self.pass_.grid)
 
     def box(self, index: int) -> Box:
-        return self.pass_.grid.box(index)
+        return _task_box(self.pass_.grid, index, self.name)
 
     def load(self, index: int) -> np.ndarray:
         return self._volumes[0].read(self.box(index))
@@ -302,7 +379,8 @@ def stage_grid(p: Plan, name: str) -> Union[ChunkGrid, OverlapGrid, BandGrid]:
     kind, _, number = name.partition("-")
     if kind == "downsample" and number.isdigit() and int(number) < len(p.downsample):
         return p.downsample[int(number)].grid
-    raise KeyError(f"unknown stage {name!r}")
+    raise UnknownStage(f"unknown stage {name!r}: this run's stages are "
+                       f"{', '.join(stage_names(p))}")
 
 
 def stage_names(p: Plan) -> list[str]:

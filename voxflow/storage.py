@@ -14,6 +14,8 @@ prefix, with '/' separators; objects are stored as given (never compressed).
   API, so there objects are deleted one request each, in a thread pool.
 - `delete_prefix` on a local disk also removes the folders it empties under the prefix (the
   prefix's own folder included), so a deleted run leaves no empty tree behind.
+- Every request to a bucket is retried on transient errors by `voxflow.retry`'s one policy
+  (jittered backoff, a time budget, then `RetryBudgetExceeded`), installed on import here.
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ from typing import Iterable, Iterator, Optional
 
 from cloudfiles import CloudFiles
 
+from . import retry
 from .geometry import ceil_div
+
+retry.install()
 
 THREADS = 16
 _TMP_SUFFIX = ".voxflow-put"
@@ -151,7 +156,13 @@ class Storage:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
             return "sha256:" + h.hexdigest()
-        head = self._files.head(key)
+        try:
+            head = self._files.head(key)
+        except AttributeError:
+            # cloud-files' GCS head of a missing object reads attributes of None
+            if self._files.size(key) is None:
+                return None
+            raise
         if not head:
             return None
         for field, name in (("Content-Md5", "md5"), ("Content-Crc32c", "crc32c"),

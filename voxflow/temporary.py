@@ -4,7 +4,8 @@ Unsharded outputs: one `.npy` partial sum per (band cell, task) — a key only t
 writes, written whole and never modified, so readers need no locks. Sharded outputs: one
 *pack* per inference task holding all its pieces, final values and partials, split on the
 shard grid (docs/blending.md). Both live under `<output>.voxflow-tmp/<run>/` by default
-(`inference.temporary`), through `Storage` (file://, gs://).
+(`inference.temporary`), through `Storage` (file://, gs://), whose requests `voxflow.retry`
+retries: a put here completes or raises, and a task whose put raised is not acked.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 `Volume` opens a precomputed layer at a mip; `read` returns (c, z, y, x) arrays for any box,
 padding what lies outside the layer; `write` takes (c, z, y, x) arrays. Paths are cloud-volume
-URLs (`file://`, `gs://`, ...): nothing here assumes a local disk.
+URLs (`file://`, `gs://`, ...): nothing here assumes a local disk. Every request cloud-volume
+makes to a bucket is retried by `voxflow.retry`'s policy (installed at the cloud-files level,
+below cloud-volume's many threads), so a read or write here either completes or raises.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ from cloudvolume import Bbox, CloudVolume, chunks
 from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 from cloudvolume.paths import ALLOWED_FORMATS
 
+from . import retry
 from .geometry import Box, Vec3, vec3
 from .sharding import shard_shape, shards_meeting, sharding_spec, spec_bytes
 from .storage import Storage
+
+retry.install()
 
 Pad = Literal["zeros", "mirror"]
 IMAGE_DTYPES = ("uint8", "uint16", "float16", "float32")

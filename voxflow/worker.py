@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, TextIO
 
+from . import retry as storage_retry
 from .messages import MalformedMessage, TaskMessage, decode
 from .queues import Lease, TaskQueue
 
@@ -64,6 +65,14 @@ class _Job:
 def _short_error(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return text[:2000]
+
+
+def task_error(exc: BaseException) -> str:
+    """What a failed task's dead letter keeps: the one-line error, then the traceback's
+    last frames (the console shows them on click; summaries show the first line)."""
+    import traceback
+    frames = "".join(traceback.format_exception(exc, limit=-8))
+    return f"{_short_error(exc)}\n{frames[-4000:]}"
 
 
 def keep_freed_memory() -> bool:
@@ -246,7 +255,7 @@ class Worker:
                 # Malformed, unknown run or stage, or a plan that cannot be built: retried
                 # like any failure (a newer worker may understand a newer message), then
                 # dead-lettered with this error.
-                self.queue.nack(lease, _short_error(exc))
+                self.queue.nack(lease, task_error(exc))
                 self.log("task_failed", "error", run=lease.run, stage=lease.stage,
                          index=lease.index, attempt=lease.attempt, error=_short_error(exc))
                 continue
@@ -283,7 +292,7 @@ class Worker:
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         if self._drop(job.lease):                       # still ours: count the attempt
-            self.queue.nack(job.lease, _short_error(exc))
+            self.queue.nack(job.lease, task_error(exc))
         self.log("task_failed", "error", error=_short_error(exc),
                  trace="".join(traceback.format_exception(exc, limit=-3)), **self._fields(job))
 
@@ -306,6 +315,8 @@ class Worker:
         """Work until `stop` is set, or until idle for `exit_when_idle` seconds."""
         started = last_report = time.time()
         self.log("worker_started", kinds=self.kinds)
+        retries_before = storage_retry.retry_count()
+        storage_retry.add_listener(self._log_retry)
         nxt: Optional[_Job] = None          # loading
         computing: Optional[_Job] = None    # computing, or computed and waiting for the writer
         writing: Optional[_Job] = None
@@ -362,8 +373,14 @@ class Worker:
                 last_extend = time.monotonic()
         released = self._stop_pipeline(writing)
         self._record_sessions(started)
-        self.log("worker_stopped", done=self.done, released=released)
+        storage_retry.remove_listener(self._log_retry)
+        self.log("worker_stopped", done=self.done, released=released,
+                 storage_retries=storage_retry.retry_count() - retries_before)
         return self.done
+
+    def _log_retry(self, **fields) -> None:
+        """A storage request of this process is retried (`voxflow.retry`): in the log."""
+        self.log("storage_retry", "warning", **fields)
 
     def _stop_pipeline(self, writing: Optional[_Job]) -> int:
         """Release every lease except a write in flight, which may finish within

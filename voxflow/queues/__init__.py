@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Optional, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ACTIVE = "active"
 ENDED = ("succeeded", "failed", "cancelled")
+# a task's state, as `task_states` codes it (SQLite stores the first four)
+PENDING, LEASED, DONE, DEAD, UNPUBLISHED = 0, 1, 2, 3, 4
+STATE_NAMES = ("pending", "leased", "done", "dead", "unpublished")
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,11 @@ class DeadLetter:
     stage: str
     index: int
     attempts: int
-    error: str
+    error: str                     # the error's line, then the traceback (`task_error`)
+
+    @property
+    def headline(self) -> str:
+        return self.error.split("\n", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,14 @@ class TaskQueue(Protocol):
 
     def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]: ...
 
-    def retry_dead(self, run: str) -> int: ...
+    def retry_dead(self, run: str, stage: Optional[str] = None,
+                   index: Optional[int] = None) -> int:
+        """Give the run's dead tasks (of one stage, or one task) fresh attempts; returns how
+        many."""
+
+    def task_states(self, run: str, stage: str, size: int) -> "np.ndarray":
+        """uint8 state code of each task index in [0, size) (UNPUBLISHED where none was
+        published): the operator console's chunk map."""
 
     def busy_workers(self, kind: Optional[str] = None) -> set[str]: ...
 

@@ -55,7 +55,10 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from . import ACTIVE, DeadLetter, Lease, RunState, StageStats, check_end_state, writes
+import numpy as np
+
+from . import (ACTIVE, DEAD, DONE, LEASED, PENDING, UNPUBLISHED, DeadLetter, Lease, RunState,
+               StageStats, check_end_state, writes)
 from .ledger import Bitmap, Ledger, Ranges, run_token
 
 MAX_DEADLINE = 600                      # Pub/Sub's limit for an ack deadline, seconds
@@ -557,20 +560,46 @@ class PubSubQueue:
                 for _, stage, index, record in self.ledger.dead_letters(run, limit)]
 
     @writes
-    def retry_dead(self, run: str) -> int:
-        """Publish every dead task again with a fresh set of attempts (a dead task that was
-        done after all just loses its dead marker)."""
+    def retry_dead(self, run: str, stage: Optional[str] = None,
+                   index: Optional[int] = None) -> int:
+        """Publish the run's dead tasks (of `stage`, or its task `index`) again with a fresh
+        set of attempts (a dead task that was done after all just loses its dead marker)."""
         stages = self.ledger.stages(run)
         self.ledger.delete(k for k, done in self.ledger.dead_markers(run) if done)
-        letters = self.ledger.dead_letters(run)
-        for key, stage, index, record in letters:
-            kind = stages[stage]["kind"]
-            self._ensure(run, stage, kind)
-            self.ledger.delete([self.ledger.prefix(run, "tasks", stage) + str(index), key])
-            self.publisher.publish(self._topic(self.resource(run, stage, kind)),
-                                   record["body"].encode(), run=run, stage=stage, kind=kind,
-                                   index=str(index)).result()
+        letters = [(key, name, i, record) for key, name, i, record in
+                   self.ledger.dead_letters(run)
+                   if stage in (None, name) and (index is None or index == i)]
+        for key, name, i, record in letters:
+            kind = stages[name]["kind"]
+            self._ensure(run, name, kind)
+            self.ledger.delete([self.ledger.prefix(run, "tasks", name) + str(i), key])
+            self.publisher.publish(self._topic(self.resource(run, name, kind)),
+                                   record["body"].encode(), run=run, stage=name, kind=kind,
+                                   index=str(i)).result()
         return len(letters)
+
+    def task_states(self, run: str, stage: str, size: int) -> np.ndarray:
+        """From the ledger: the published ranges, the done bitmap, the dead markers and the
+        unexpired leases (a bounded number of calls, as `stats`)."""
+        out = np.full(size, UNPUBLISHED, np.uint8)
+        record = self.ledger.stages(run).get(stage)
+        if record is None:
+            return out
+        for start, stop in Ranges(record["tasks"]).ranges:
+            out[start:min(stop, size)] = PENDING
+        now = self.clock()
+        prefix = self.ledger.lease_key(record["kind"], run, stage, 0)[:-1]
+        for key, lease in self.ledger.records(prefix).items():
+            index = int(key.rsplit("/", 1)[1])
+            if lease["expires"] >= now and index < size:
+                out[index] = LEASED
+        done = self.ledger.done(run, stage)
+        for i in self.ledger.dead_only(run, stage, done):
+            if i < size:
+                out[i] = DEAD
+        bits = np.unpackbits(np.frombuffer(bytes(done.bits), np.uint8), bitorder="little")
+        out[np.flatnonzero(bits[:size])] = DONE
+        return out
 
     def busy_workers(self, kind: Optional[str] = None) -> set[str]:
         """Workers holding an unexpired lease (of `kind`), from the ledger's lease records."""

@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Collection, Iterable, Optional
 
-from . import ACTIVE, DeadLetter, Lease, RunState, StageStats, check_end_state, writes
+import numpy as np
 
-PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
+from . import (ACTIVE, DEAD, DONE, LEASED, PENDING, UNPUBLISHED, DeadLetter, Lease, RunState,
+               StageStats, check_end_state, writes)
+
 NEVER = 1e300
 BUSY_SECONDS = 60.0
 _STATE_COLUMN = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
@@ -396,16 +398,33 @@ class SQLiteQueue:
         return [DeadLetter(*r) for r in rows]
 
     @writes
-    def retry_dead(self, run: str) -> int:
-        """Give every dead task of the run a fresh set of attempts."""
+    def retry_dead(self, run: str, stage: Optional[str] = None,
+                   index: Optional[int] = None) -> int:
+        """Give the run's dead tasks (of `stage`, or the one task `index` of it) a fresh set
+        of attempts."""
+        where, args = "run = ? AND state = ?", [run, DEAD]
+        if stage is not None:
+            where, args = where + " AND stage = ?", args + [stage]
+            if index is not None:
+                where, args = where + " AND idx = ?", args + [index]
         with self._write() as db:
-            per_stage = db.execute("SELECT stage, COUNT(*) FROM tasks WHERE run = ? AND "
-                                   "state = ? GROUP BY stage", (run, DEAD)).fetchall()
-            db.execute("UPDATE tasks SET state = ?, due = 0, attempts = 0 WHERE run = ? AND "
-                       "state = ?", (PENDING, run, DEAD))
-            for stage, n in per_stage:
-                self._count(db, run, stage, dead=-n, pending=n)
+            per_stage = db.execute(f"SELECT stage, COUNT(*) FROM tasks WHERE {where} "
+                                   "GROUP BY stage", args).fetchall()
+            db.execute(f"UPDATE tasks SET state = ?, due = 0, attempts = 0 WHERE {where}",
+                       [PENDING, *args])
+            for name, n in per_stage:
+                self._count(db, run, name, dead=-n, pending=n)
         return sum(n for _, n in per_stage)
+
+    def task_states(self, run: str, stage: str, size: int) -> np.ndarray:
+        out = np.full(size, UNPUBLISHED, np.uint8)
+        with self._lock:
+            rows = self._db.execute("SELECT idx, state FROM tasks WHERE run = ? AND stage = ? "
+                                    "AND idx < ?", (run, stage, size)).fetchall()
+        if rows:
+            idx, state = np.array(rows, np.int64).T
+            out[idx] = state
+        return out
 
     def busy_workers(self, kind: Optional[str] = None) -> set[str]:
         """Workers holding an unexpired lease (of `kind`)."""
