@@ -14,7 +14,8 @@ again and asks again.
 
 Airflow 3.3.2 may lose an answer given within seconds of the request on a loaded machine (the
 executor reports the parked process's exit after the resumed one started; the scheduler
-retries the task): the retry asks again. Nothing runs without an answer.
+retries the task): the retry asks again. Nothing runs without an answer; the gate has
+`ASK_RETRIES` tries more than the DAG's default, so a lost answer costs a re-ask, not the run.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def estimate_text(bill: dict, info: dict, threshold: float) -> tuple[str, str]:
     return subject, body
 
 
+ASK_RETRIES = 6        # re-asks after a lost answer (a reject fails without retrying)
+
+
 class CostGateOperator(ApprovalOperator):
     """Ask a person to approve a run whose plan estimate is above `approve_above_usd`; pass at
     once at or below it. Reject ends the run with nothing published (module docstring)."""
@@ -82,6 +86,7 @@ class CostGateOperator(ApprovalOperator):
         # fail_on_reject: every later task is upstream_failed and the DAG run fails (Airflow's
         # default skips only the next task, and the later groups' publish run on none_failed)
         kwargs.setdefault("subject", "Approve this voxflow run's estimated cost")
+        kwargs.setdefault("retries", ASK_RETRIES)
         super().__init__(fail_on_reject=True, **kwargs)
         self.approve_above_usd = approve_above_usd
 

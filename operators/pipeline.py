@@ -102,8 +102,9 @@ class PlanRunOperator(BaseOperator):
             p = plan(config)
         except ConfigError as exc:
             # kept for the console's DAG-run tab: the refusal where the user looks
-            context["ti"].xcom_push(key="refused", value={"field": exc.field,
-                                                          "message": exc.message})
+            from .listeners import REFUSED_KEY       # the DAG run's note (listeners.py)
+            context["ti"].xcom_push(key=REFUSED_KEY, value={"field": exc.field,
+                                                            "message": exc.message})
             raise AirflowFailException(f"refused, nothing published: {exc}") from None
         estimate = bill(p)                     # before anything is written
         self.log.info("the bill, before anything runs:\n%s", "\n".join(bill_lines(estimate)))

@@ -216,6 +216,28 @@ def api_runs(queue: Optional[str] = None) -> list[dict]:
     return runs_report(queue)
 
 
+def _workers(queue, run: str, stages: list[dict]) -> list[dict]:
+    """Per kind of stage the run has: its group URL(s), the workers holding its tasks (from
+    the queue: any backend), and for a local group an Airflow run drives (its state folder)
+    the live workers and the size it was last given; None where this machine cannot see
+    them (a cloud group: its VMs; a `voxflow run` driver's own group)."""
+    from voxflow.config import voxflow_home
+    from voxflow.groups.local import group_state
+    from voxflow.progress import run_config
+    from voxflow.stages import stage_kind
+    config = run_config(queue, run)
+    out = []
+    for kind in dict.fromkeys(stage_kind(s["stage"]) for s in stages):
+        urls = getattr(config.workers, kind).urls
+        state = {"running": None, "target": None}
+        folder = voxflow_home() / "groups" / run / kind
+        if all(u.startswith("local://") for u in urls) and folder.is_dir():
+            state = group_state(folder)
+        out.append({"kind": kind, "group": " + ".join(urls),
+                    "busy": len(queue.busy_workers(kind, run)), **state})
+    return out
+
+
 @app.get("/api/runs/{run}")
 def api_run(run: str, user: GetUserDep, queue: Optional[str] = None) -> dict:
     q = _with_queue(queue, run)
@@ -223,6 +245,7 @@ def api_run(run: str, user: GetUserDep, queue: Optional[str] = None) -> dict:
         report = _summary(q, run)
         config = json.loads(q.run_params(run))
         report.update(dead=_dead_letters(q, run), config=config,
+                      workers=_workers(q, run, report["stages"]),
                       may_retry=_may_edit(user, report["orchestrator"].get("dag_id")))
         return report
     finally:
@@ -284,12 +307,11 @@ def api_dag_run(dag_id: str, dag_run_id: str, request: Request) -> dict:
                     return {"run": run, "queue": url}
         finally:
             queue.close()
+    from .listeners import PLAN_TASK, REFUSED_KEY, refusal_note
     refused = _airflow(request, "GET", f"/dags/{_q(dag_id)}/dagRuns/{_q(dag_run_id)}/"
-                       "taskInstances/plan/xcomEntries/refused")
+                       f"taskInstances/{PLAN_TASK}/xcomEntries/{REFUSED_KEY}")
     if isinstance(refused, dict) and isinstance(refused.get("value"), dict):
-        r = refused["value"]
-        raise HTTPException(404, f"refused at plan, nothing published: {r.get('field')}: "
-                            f"{r.get('message')}")
+        raise HTTPException(404, refusal_note(refused["value"]))
     raise HTTPException(404, f"DAG run {dag_run_id} of {dag_id} has registered no voxflow "
                         "run yet (its plan task has not finished)")
 

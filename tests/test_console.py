@@ -55,11 +55,28 @@ def test_a_run_triggered_from_the_form_and_watched_in_the_browser(console_airflo
     run_page(page, af, dag_run)
     until(page, lambda p: "inference" in map_counts(p), timeout=180)
     page.screenshot(path=str(ARTIFACTS / "console-run-working.png"), full_page=True)
+    # the inference group while it works: sized and running (its state folder), busy
+    found = plugin(af, f"/api/dag-runs/console/{urllib.parse.quote(dag_run, safe='')}",
+                   af.tok)
+    detail = f"/api/runs/{found['run']}?queue={urllib.parse.quote(found['queue'], safe='')}"
+    seen = []
+    while dag_state(af, dag_run) not in ("success", "failed"):
+        (inference,) = [w for w in plugin(af, detail, af.tok)["workers"]
+                        if w["kind"] == "inference"]
+        seen.append(inference)
+        if inference["running"] and inference["target"]:
+            break
+        time.sleep(0.3)
+    assert inference["group"] == "local://2" and 1 <= inference["target"] <= 2, seen
     assert wait_dag_run(af, dag_run, ("success", "failed")) == "success"
     until(page, lambda p: "succeeded" in p.inner_text("#head")
           and set(map_counts(p)) == {"inference", "downsample-0"})
     counts = map_counts(page)
     assert counts["inference"]["done"] == 8 and counts["downsample-0"]["done"] == 8
+    until(page, lambda p: [(r.query_selector(".target").inner_text(),
+                            r.query_selector(".running").inner_text())
+                           for r in p.query_selector_all("#workers tbody tr")]
+          == [("0", "0"), ("0", "0")])         # scaled to zero once done
     assert all(n == 0 for c in counts.values() for s, n in c.items() if s != "done")
     assert "100 %" in page.inner_text("#head")
     rows = page.query_selector_all("#stages tbody tr")
@@ -107,9 +124,12 @@ def test_a_refusal_at_plan_is_shown_on_the_run_page(console_airflow, browser):
     page = login(browser, af, "viewer")
     run_page(page, af, dag_run)
     until(page, lambda p: "refused" in p.inner_text("#refused"))
-    assert "refused at plan, nothing published: inference.patch_overlap:" in \
-        page.inner_text("#refused")
+    shown = page.inner_text("#refused")
+    assert "refused at plan, nothing published: inference.patch_overlap:" in shown
     assert not (af.data / "refused").exists()
+    # and the DAG run's note, where Airflow's own pages show it (set by the listener)
+    note = af.api("GET", f"/dags/console/dagRuns/{urllib.parse.quote(dag_run)}")["note"]
+    assert note == shown.strip()
 
 
 def test_a_dead_letter_is_shown_and_retried(console_airflow, browser):

@@ -58,6 +58,26 @@ def _alive(pid: int, wid: str) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z" and wid.encode() in cmdline
 
 
+TARGET_FILE = "target"
+
+
+def group_state(state_dir: Path) -> dict:
+    """What a local group with a state folder (one an Airflow run drives) holds: its live
+    workers and the size it was last given. Read by the console, without the group."""
+    state_dir = Path(state_dir)
+    running = 0
+    for f in state_dir.glob("*.pid"):
+        try:
+            running += _alive(int(f.read_text().split()[0]), f.stem)
+        except (OSError, ValueError, IndexError):
+            continue
+    try:
+        target: Optional[int] = int((state_dir / TARGET_FILE).read_text())
+    except (OSError, ValueError):
+        target = None
+    return {"running": running, "target": target}
+
+
 class LocalGroup:
     def __init__(self, queue_url: str, kind: str, log_dir: Optional[Path] = None,
                  lease_seconds: Optional[float] = None, capacity: Optional[int] = None,
@@ -161,6 +181,8 @@ class LocalGroup:
     def resize(self, target: int, busy: set[str]) -> None:
         if self.capacity is not None:
             target = min(target, self.capacity)
+        if self.state_dir:                     # for the console (`group_state`)
+            (self.state_dir / TARGET_FILE).write_text(str(target))
         alive = self.size()
         if target > alive:
             threads = self._threads()
@@ -180,6 +202,8 @@ class LocalGroup:
 
     def close(self) -> None:
         """Scale to zero: SIGTERM every worker (leases released), SIGKILL the stragglers."""
+        if self.state_dir:
+            (self.state_dir / TARGET_FILE).write_text("0")
         self._reap()
         for wid in list(self.members):
             if wid not in self._stopping:

@@ -141,7 +141,8 @@ class TaskQueue(Protocol):
         """uint8 state code of each task index in [0, size) (UNPUBLISHED where none was
         published): the operator console's chunk map."""
 
-    def busy_workers(self, kind: Optional[str] = None) -> set[str]: ...
+    def busy_workers(self, kind: Optional[str] = None, run: Optional[str] = None) -> set[str]:
+        """Workers holding an unexpired lease (of `kind`, of `run`)."""
 
     def register_run(self, run: str, params: str, max_attempts: Optional[int] = None,
                      meta: Optional[dict] = None) -> None:

@@ -601,10 +601,11 @@ class PubSubQueue:
         out[np.flatnonzero(bits[:size])] = DONE
         return out
 
-    def busy_workers(self, kind: Optional[str] = None) -> set[str]:
-        """Workers holding an unexpired lease (of `kind`), from the ledger's lease records."""
+    def busy_workers(self, kind: Optional[str] = None, run: Optional[str] = None) -> set[str]:
+        """Workers holding an unexpired lease (of `kind`, of `run`), from the ledger's lease
+        records."""
         kinds = [kind] if kind else {k.split("/")[1] for k in self.ledger.list("leases/")}
-        return {r["worker"] for r in self.ledger.leases(kinds, None, self.clock())}
+        return {r["worker"] for r in self.ledger.leases(kinds, run, self.clock())}
 
     def close(self) -> None:
         if self._subscriber is not None:

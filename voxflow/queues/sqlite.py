@@ -426,16 +426,17 @@ class SQLiteQueue:
             out[idx] = state
         return out
 
-    def busy_workers(self, kind: Optional[str] = None) -> set[str]:
-        """Workers holding an unexpired lease (of `kind`)."""
+    def busy_workers(self, kind: Optional[str] = None, run: Optional[str] = None) -> set[str]:
+        """Workers holding an unexpired lease (of `kind`, of `run`)."""
+        scope, args = ("AND run = ? ", [run]) if run else ("", [])
         with self._lock:
             now = time.time()
             kinds = [kind] if kind else self._kinds(self._db)
             busy: set[str] = set()
             for k in kinds:
                 busy.update(r[0] for r in self._db.execute(
-                    "SELECT DISTINCT worker FROM tasks WHERE kind = ? AND due >= ? AND due < ?",
-                    (k, now, NEVER)))
+                    f"SELECT DISTINCT worker FROM tasks WHERE kind = ? {scope}AND due >= ? "
+                    "AND due < ?", (k, *args, now, NEVER)))
         return busy
 
     def close(self) -> None:
