@@ -125,18 +125,26 @@ def _spent_usd(queue, run: str) -> Optional[float]:
         return None
 
 
-def _links(config) -> dict:
-    """Neuroglancer on the run's layers; local ones as `voxflow view` serves them (its
-    link is stable: `voxflow.view.view_link`), with the command that does."""
+def _links(queue, run: str, config) -> dict:
+    """Neuroglancer on the run's input and output, centred on its bbox; local layers as
+    `voxflow view` serves them (its link is stable: `voxflow.view.view_link`), with the
+    command that does."""
     from voxflow.view import neuroglancer_link, view_link
     layers = [config.input, config.output]
+    try:
+        p = _plan(queue, run)
+        view = {"center": [(a + b) / 2 for a, b in zip(p.bbox.start, p.bbox.stop)],
+                "resolution": p.resolution}
+    except Exception:                            # no plan: the layers' default view
+        view = {}
     if any(u.startswith("file://") for u in layers):
         try:
-            link = view_link(layers)
+            link = view_link(layers, **view)
         except FileNotFoundError:                # not written yet
             link = None
         return {"neuroglancer": link, "view_command": f"voxflow view {' '.join(layers)}"}
-    return {"neuroglancer": neuroglancer_link({"image": config.input, "output": config.output}),
+    return {"neuroglancer": neuroglancer_link({"image": config.input,
+                                               "output": config.output}, **view),
             "view_command": None}
 
 
@@ -147,7 +155,7 @@ def _summary(queue, run: str) -> dict:
     rows = stage_rows(queue, run, _rate_meter(), _planned_tasks(queue, run))
     try:
         config = run_config(queue, run)
-        output, links = config.output, _links(config)
+        output, links = config.output, _links(queue, run, config)
     except Exception:
         output, links = None, {}
     return {"run": run, "queue": queue.url, "state": state.state if state else "unknown",

@@ -7,6 +7,7 @@ import shutil
 import signal
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -131,6 +132,10 @@ workers:
 CROP = PIPELINE.replace("output: {data}/out-default", "output: {data}/out-crop").replace(
     "patch_overlap: [8, 8, 2]}}", "patch_overlap: [8, 8, 2], blend: crop}}").replace(
     "downsample: {{mips: 1}}", "downsample: {{mips: 0}}")
+# Its queue is Pub/Sub (the emulator) with a file:// ledger: the console lists its runs too.
+PUBSUB = PIPELINE.replace("output: {data}/out-default", "output: {data}/out-pubsub").replace(
+    "queue: sqlite://{data}/queue.db",
+    'queue: "pubsub://test-project/af?ledger=file://{data}/ledger"')
 # Follows its model: replacing the model file starts a run by itself.
 WATCHED = PIPELINE.replace("output: {data}/out-default", "output: {data}/out-watched").replace(
     "path: {data}/model.py", "path: {data}/watched.py") + "watch: [model]\nwatch_seconds: 1\n"
@@ -165,7 +170,8 @@ def airflow(tmp_path_factory, pubsub):
     dags = root / "dags"
     (dags / "pipelines").mkdir(parents=True)
     shutil.copy(REPO / "dags" / "voxflow_pipelines.py", dags)
-    for name, text in (("e2e", PIPELINE), ("crop", CROP), ("watched", WATCHED)):
+    for name, text in (("e2e", PIPELINE), ("crop", CROP), ("watched", WATCHED),
+                       ("pubsub", PUBSUB)):
         (dags / "pipelines" / f"{name}.yaml").write_text(text.format(data=data))
     import os
     os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
@@ -179,7 +185,7 @@ def airflow(tmp_path_factory, pubsub):
         af.tok = af.token()
         deadline = time.monotonic() + 120
         while {d["dag_id"] for d in af.api("GET", "/dags", token=af.tok)["dags"]} < {
-                "e2e", "crop", "watched"}:
+                "e2e", "crop", "watched", "pubsub"}:
             assert time.monotonic() < deadline, "the pipeline DAGs never appeared"
             time.sleep(1)
         yield af
@@ -285,25 +291,36 @@ def test_two_concurrent_runs_succeed_and_wait_is_deferred(airflow):
 
 
 def test_a_run_on_the_pubsub_queue(airflow):
-    """The form switches the queue to Pub/Sub: the deferrable wait polls the ledger's counts,
-    and finalize deletes the run's topics and subscriptions."""
+    """A pipeline on Pub/Sub: the deferrable wait polls the ledger's counts, finalize
+    deletes the run's topics and subscriptions, and the console lists the run (its queue
+    is the pipeline's) with its stages and a chunk map read from the ledger."""
     from google.cloud import pubsub_v1
     from voxflow.queues import open_queue
     from voxflow.volume import Volume
     url = f"pubsub://test-project/af?ledger=file://{airflow.data}/ledger"
-    run = _trigger(airflow, {"output": f"{airflow.data}/out-pubsub", "queue.url": url})
-    state, seen = _follow(airflow, run)
+    dag_run = _trigger(airflow, {}, dag="pubsub")
+    state, seen = _follow(airflow, dag_run, dag="pubsub")
     assert state == "success", seen
     out = Volume(f"file://{airflow.data}/out-pubsub")
     img = Volume(f"file://{airflow.data}/image").read(out.bounds)
     want = 1 / (1 + np.exp(-(8 * img.astype(np.float32) / 255 - 4)))
     assert np.abs(out.read(out.bounds) - want).max() < 1e-5
-    stats = open_queue(url).stats(_plan_info(airflow, run)["run"])
+    run = _plan_info(airflow, dag_run, dag="pubsub")["run"]
+    stats = open_queue(url).stats(run)
     assert stats["inference"].done == stats["inference"].total == 2 * 2 * 2
     assert all(s.open == 0 and s.dead == 0 for s in stats.values())
     topics = [t.name for t in pubsub_v1.PublisherClient().list_topics(
         request={"project": "projects/test-project"}) if "/topics/af-" in t.name]
     assert topics == []
+    (listed,) = [r for r in _plugin_get(airflow, "/voxflow/api/runs") if r["run"] == run]
+    assert listed["queue"] == url and listed["state"] == "succeeded"
+    assert listed["orchestrator"]["dag_run_id"] == dag_run
+    assert [(s["stage"], s["done"], s["total"]) for s in listed["stages"]][0] == \
+        ("inference", 8, 8)
+    chunk_map = _plugin_get(airflow, f"/voxflow/api/runs/{run}/map/inference?queue="
+                            + urllib.parse.quote(url, safe=""))
+    assert chunk_map["counts"]["done"] == 8 and chunk_map["shape"] == [2, 2, 2]
+    assert chunk_map["bands"] == ["2222", "2222"]
 
 
 def test_bad_parameter_fails_at_plan_naming_the_field(airflow):

@@ -68,6 +68,12 @@ def test_a_run_triggered_from_the_form_and_watched_in_the_browser(console_airflo
             break
         time.sleep(0.3)
     assert inference["group"] == "local://2" and 1 <= inference["target"] <= 2, seen
+    # Neuroglancer on both layers (local: as `voxflow view` serves them), at the bbox centre
+    got = plugin(af, detail, af.tok)
+    state = json.loads(urllib.parse.unquote(got["neuroglancer"].split("#!", 1)[1]))
+    assert [l["name"] for l in state["layers"]] == ["image", "from-form"]
+    assert state["position"] == [64, 64, 8] and state["dimensions"]["z"] == [40e-9, "m"]
+    assert got["view_command"] == f"voxflow view file://{af.data}/image file://{af.data}/from-form"
     assert wait_dag_run(af, dag_run, ("success", "failed")) == "success"
     until(page, lambda p: "succeeded" in p.inner_text("#head")
           and set(map_counts(p)) == {"inference", "downsample-0"})

@@ -10,8 +10,8 @@ Any web page open in the user's browser can send requests to 127.0.0.1, so the s
 only the viewer read (docs/security.md): paths start with a token that only the link holds —
 an HMAC of the layers' folders under a key in `$VOXFLOW_HOME/view.key` (0600), so the link of
 the same layers is the same every time (`view_link`: the Airflow finalize task and the
-console show it before anyone starts the server; it works once `voxflow view` serves them); CORS is granted to the Neuroglancer origin the link opens (and `origins` given),
-and a request from any other origin is refused (403); a Host header that is not this server's
+console show it before anyone starts the server; it works once `voxflow view` serves them);
+CORS is granted to the Neuroglancer origin the link opens (and `origins` given), and a request from any other origin is refused (403); a Host header that is not this server's
 address is refused too (DNS rebinding: a page whose name resolves to 127.0.0.1).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import urllib.parse
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 NEUROGLANCER = "https://neuroglancer-demo.appspot.com/"
 
@@ -145,11 +145,16 @@ def _byte_range(header: str | None, size: int):
     return (start, stop) if start < stop else "unsatisfiable"
 
 
-def neuroglancer_link(sources: dict[str, str]) -> str:
-    """A Neuroglancer URL showing each `name -> precomputed source` as a layer."""
-    state = {"layers": [{"type": "image", "source": f"precomputed://{src}", "name": name}
-                        for name, src in sources.items()],
-             "layout": "xy"}
+def neuroglancer_link(sources: dict[str, str], center: Optional[Sequence[float]] = None,
+                      resolution: Optional[Sequence[float]] = None) -> str:
+    """A Neuroglancer URL showing each `name -> precomputed source` as a layer; with
+    `center` (voxels, x y z) and `resolution` (nm per voxel) the view opens there."""
+    state: dict = {"layers": [{"type": "image", "source": f"precomputed://{src}",
+                               "name": name} for name, src in sources.items()],
+                   "layout": "xy"}
+    if center is not None and resolution is not None:
+        state["dimensions"] = {a: [r * 1e-9, "m"] for a, r in zip("xyz", resolution)}
+        state["position"] = [float(c) for c in center]
     return NEUROGLANCER + "#!" + urllib.parse.quote(json.dumps(state, separators=(",", ":")))
 
 
@@ -195,16 +200,21 @@ def view_token(folders: Sequence[Path]) -> str:
     return hmac.new(_view_key(), message, hashlib.sha256).hexdigest()[:32]
 
 
-def _link(layers: dict[str, Path], sources: dict[str, str], port: int, token: str) -> str:
+def _link(layers: dict[str, Path], sources: dict[str, str], port: int, token: str,
+          **view) -> str:
     base = f"http://127.0.0.1:{port}/{token}"
     return neuroglancer_link({name: f"{base}/{name}" if name in layers else src
-                              for name, src in sources.items()})
+                              for name, src in sources.items()}, **view)
 
 
-def view_link(paths: Sequence[str], port: int = DEFAULT_PORT) -> str:
-    """The Neuroglancer link `voxflow view PATHS --port PORT` prints (without serving)."""
+def view_link(paths: Sequence[str], port: int = DEFAULT_PORT,
+              center: Optional[Sequence[float]] = None,
+              resolution: Optional[Sequence[float]] = None) -> str:
+    """The Neuroglancer link `voxflow view PATHS --port PORT` prints (without serving);
+    `center`/`resolution` as in `neuroglancer_link`."""
     layers, sources = _layers(paths)
-    return _link(layers, sources, port, view_token(list(layers.values())))
+    return _link(layers, sources, port, view_token(list(layers.values())), center=center,
+                 resolution=resolution)
 
 
 def make_server(paths: Sequence[str], port: int = 0, origins: Sequence[str] = ()
