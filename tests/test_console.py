@@ -144,7 +144,7 @@ def test_a_dead_letter_is_shown_and_retried(console_airflow, browser):
     the DAG run resume and succeed."""
     poison = console_airflow.data / "poison"
     poison.write_text("")
-    dag_run = trigger(console_airflow, {"downsample.mips": 1,
+    dag_run = trigger(console_airflow, {"downsample.mips": 0, "inference.chunk": "64 64 8",
                                         "output": f"{console_airflow.data}/poisoned"})
     assert wait_dag_run(console_airflow, dag_run, ("success", "failed")) == "failed"
 
@@ -154,7 +154,7 @@ def test_a_dead_letter_is_shown_and_retried(console_airflow, browser):
     letter = viewer.query_selector("tr.dead-letter")
     assert letter.get_attribute("data-index") == "0"
     assert "RuntimeError: poisoned patch" in letter.inner_text()
-    assert "0 0 0 – 32 32 8" in letter.inner_text()                     # the task's box
+    assert "0 0 0 – 64 64 8" in letter.inner_text()                     # the task's box
     letter.query_selector("summary").click()
     assert "Traceback" in letter.query_selector("pre").inner_text()
     assert viewer.query_selector("button.retry") is None
@@ -176,7 +176,8 @@ def test_a_dead_letter_is_shown_and_retried(console_airflow, browser):
     assert wait_dag_run(console_airflow, dag_run, ("success",), timeout=300) == "success"
     until(admin, lambda p: "succeeded" in p.inner_text("#head")
            and p.query_selector("tr.dead-letter") is None)
-    assert map_counts(admin)["inference"]["done"] == 32
+    assert map_counts(admin) == {"inference": {"pending": 0, "leased": 0, "done": 8,
+                                               "dead": 0, "unpublished": 0}}
     admin.screenshot(path=str(ARTIFACTS / "console-retried.png"), full_page=True)
 
 
