@@ -62,7 +62,9 @@ def main() -> None:
           f"{summary['seconds']} s")
     print(f"  boundary map    {summary['output']}  (uint8, mips 0..2)")
     print(f"  section z={z}    {png}  (input | boundary)")
-    print(f"  in Neuroglancer: .venv/bin/{summary['neuroglancer']}")
+    if summary.get("view_command"):          # local layers: the command serves the link
+        print(f"  serve it:        .venv/bin/{summary['view_command']}")
+    print(f"  in Neuroglancer: {summary['neuroglancer']}")
     print("  Airflow UI:      make airflow")
 
 
