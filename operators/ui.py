@@ -103,13 +103,16 @@ def _plan(queue, run: str):
                    lambda: plan(run_config(queue, run), check_model=False))
 
 
-def _planned_tasks(queue, run: str) -> Optional[dict[str, int]]:
+def _planned_tasks(queue, run: str) -> tuple[Optional[dict[str, int]], dict[str, int]]:
+    """Tasks each stage publishes, and those outside the mask (skipped, never published)."""
     from voxflow.stages import stage_grid, stage_names
     try:
         p = _plan(queue, run)
     except Exception:                    # input gone, or a config this version refuses
-        return None
-    return {name: len(stage_grid(p, name)) for name in stage_names(p)}
+        return None, {}
+    masked = {"inference": p.masked} if p.masked else {}
+    return {name: len(stage_grid(p, name)) - masked.get(name, 0)
+            for name in stage_names(p)}, masked
 
 
 def _spent_usd(queue, run: str) -> Optional[float]:
@@ -152,7 +155,7 @@ def _summary(queue, run: str) -> dict:
     from voxflow.progress import overall, run_config, stage_rows
     state = queue.run_state(run)
     meta = state.meta if state else {}
-    rows = stage_rows(queue, run, _rate_meter(), _planned_tasks(queue, run))
+    rows = stage_rows(queue, run, _rate_meter(), *_planned_tasks(queue, run))
     try:
         config = run_config(queue, run)
         output, links = config.output, _links(queue, run, config)

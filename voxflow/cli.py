@@ -26,12 +26,17 @@ class TqdmReporter:
         from tqdm import tqdm
         self._bar = tqdm(total=total, initial=skipped, desc=f"{stage:>12}", unit="task",
                          disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
-        self._bar.set_postfix(failed=0, skipped=skipped)
-        self._skipped = skipped
+        self._resumed, self._skipped = skipped, 0
+        self._bar.set_postfix(failed=0, resumed=skipped, skipped=0)
+
+    def skip(self, count: int) -> None:
+        """Tasks not run: outside the mask, or empty inputs the workers skipped."""
+        self._skipped = count
 
     def update(self, done: int, dead: int) -> None:
         if done != self._bar.n:
-            self._bar.set_postfix(failed=dead, skipped=self._skipped, refresh=False)
+            self._bar.set_postfix(failed=dead, resumed=self._resumed, skipped=self._skipped,
+                                  refresh=False)
             self._bar.update(done - self._bar.n)
 
     def finish(self) -> None:
@@ -54,7 +59,8 @@ def _plan_report(p) -> dict:
     cfg = p.config
     in_voxel_bytes = p.input_channels * np.dtype(p.input_dtype).itemsize
     out_bytes = p.bbox.size * p.output_voxel_bytes
-    stages = [{"stage": "inference", "tasks": len(p.grid), "voxels": p.bbox.size,
+    stages = [{"stage": "inference", "tasks": len(p.grid) - p.masked, "skipped": p.masked,
+               "voxels": p.bbox.size,
                "bytes_read": read_voxels(p) * in_voxel_bytes, "bytes_written": out_bytes}]
     blend = {"mode": "crop"}
     if isinstance(p.grid, OverlapGrid):
@@ -224,7 +230,10 @@ def _run(config, args) -> int:
         for group in started.values():            # not taken over by a stage
             group.close()
     for s in summary.stages:
-        print(f"{s.name}: {s.tasks} tasks ({s.skipped} already done) in {s.seconds:.1f} s")
+        skipped = f", {s.masked} outside the mask" if s.masked else ""
+        skipped += f", {s.empty} skipped as empty" if s.empty else ""
+        print(f"{s.name}: {s.tasks} tasks ({s.skipped} already done{skipped}) in "
+              f"{s.seconds:.1f} s")
     print(f"done: {summary.voxels} voxels -> {summary.output} (model {summary.model_digest})")
     print("\n".join(spent_lines(summary.spent, summary.bill)))
     return 0
@@ -307,9 +316,11 @@ def _status(args) -> int:
         return 2
     if state is not None:
         print(f"run {args.run}: {state.state}, model {state.meta.get('model_digest', '?')}")
-    print(f"{'stage':>14} {'total':>9} {'pending':>9} {'leased':>9} {'done':>9} {'dead':>9}")
-    for name, s in stats.items():
-        print(f"{name:>14} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} {s.dead:>9}")
+    print(f"{'stage':>14} {'total':>9} {'pending':>9} {'leased':>9} {'done':>9} {'dead':>9} "
+          f"{'skipped':>9}")
+    for name, s in stats.items():      # skipped: done without running (an empty input)
+        print(f"{name:>14} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} {s.dead:>9} "
+              f"{s.skipped:>9}")
     for d in queue.dead_letters(args.run, limit=20):
         print(f"dead: {d.stage} #{d.index} after {d.attempts} attempt(s): {d.headline}")
     return 0
@@ -329,6 +340,8 @@ def _print_plan(report: dict) -> None:
         print("blend   crop")
     for s in report["stages"]:
         extra = f"  mips {s['mips'][0]}..{s['mips'][1]}" if "mips" in s else ""
+        if s.get("skipped"):
+            extra += f"  ({s['skipped']} tasks outside the mask skipped)"
         print(f"{s['stage']:>14}: {s['tasks']:>9} tasks  {s['voxels']:>14} voxels  "
               f"read {_human_bytes(s['bytes_read']):>10}  "
               f"write {_human_bytes(s['bytes_written']):>10}{extra}")
@@ -341,6 +354,9 @@ def bill_lines(b: dict) -> list[str]:
     d, w, r = b["dollars"], b["objects_written"], b["objects_read"]
     lines = [f"cost    as on Google Cloud (Spot VMs, Cloud Storage, Pub/Sub) at cost.prices of "
              f"{b['prices_date']}"]
+    if b.get("skipped", {}).get("inference"):
+        lines.append(f"{'skipped':>14}: {b['skipped']['inference']:>14,} inference tasks "
+                     "outside the mask (not in the tasks, worker-hours or messages below)")
     for kind, hours in b["worker_hours"].items():
         unit = "GPU" if kind == "inference" else "CPU"
         lines.append(f"{kind:>14}: {hours:>14,.1f} {unit} worker-hours at "

@@ -561,6 +561,25 @@ class CostConfig(_Section):
         "put your region's and your discounts here.")
 
 
+class MaskConfig(_Section):
+    """A tissue mask: which parts of the bbox are worth running (voxflow/mask.py)."""
+
+    layer: str = Field(description="Precomputed layer (file://, gs:// or a local path) whose "
+                       "nonzero voxels (any channel) are tissue; read once at plan, "
+                       "nearest-neighbour onto the run's mip. Inference tasks whose box "
+                       "holds no tissue are not published (counted as skipped), and the "
+                       "output outside the mask is 0.")
+    mip: Annotated[int, Field(ge=0)] = Field(0, description="Mip of the mask layer to read: "
+                                             "a coarse one keeps the read small.")
+
+    @field_validator("layer")
+    @classmethod
+    def _layer(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _as_layer_url(value, info, READ_SCHEMES)
+
+
 class RunConfig(_Section):
     """One voxflow run: an input layer, a model, an output layer and its pyramid."""
 
@@ -576,6 +595,12 @@ class RunConfig(_Section):
         "error", description="A missing chunk of the input layer inside what a task reads: "
         "error (the task fails naming the chunk file) or zeros (read as 0, for layers that "
         "are sparse on purpose).")
+    mask: Optional[MaskConfig] = Field(None, description="Tissue mask: tasks outside it "
+                                       "are not run, the output outside it is 0. Default: "
+                                       "none (every task runs).")
+    skip_empty: bool = Field(False, description="An inference task whose input box is all "
+                             "one value (resin, padding, an unimaged slab) skips the model, "
+                             "writes zeros for its output and is counted as skipped.")
     output_dtype: Literal["float32", "float16", "uint8"] = Field(
         "float32", description="uint8 stores round(255 * p), p clipped to [0, 1].")
     storage_chunk: Size3 = Field([64, 64, 8], description="Storage chunk of the output "
@@ -642,6 +667,8 @@ class RunConfig(_Section):
         for name in ("input", "output"):
             if not getattr(self, name).startswith("gs://"):
                 raise ConfigError(name, f"{why} {getattr(self, name)}: use a gs:// layer")
+        if self.mask and not self.mask.layer.startswith("gs://"):
+            raise ConfigError("mask.layer", f"{why} {self.mask.layer}: use a gs:// layer")
         if self.inference.temporary and not self.inference.temporary.startswith("gs://"):
             raise ConfigError("inference.temporary", f"{why} {self.inference.temporary}: "
                               "use gs://")

@@ -250,12 +250,19 @@ def chunk_patches(cfg: RunConfig) -> int:
 
 def inference_patches(p: Plan) -> int:
     """Patches the run's inference tasks evaluate: overlap mode's one lattice, or each crop
-    chunk's own lattice over its read box."""
+    chunk's own lattice over its read box; with a mask, only the tasks that meet tissue
+    (a sum over the mask's task booleans of per-axis products)."""
     if isinstance(p.grid, OverlapGrid):
-        return p.grid.patch_count()
-    lat = list(_lattice(p.config))
-    return _product_sum(_read_ranges(p), lambda x, a, b: _patches(
-        b - a - 2 * lat[x][2], lat[x][0], lat[x][0] - lat[x][1]))
+        if p.tissue is None:
+            return p.grid.patch_count()
+        per_axis = [[len(ax.patches(t)) for t in range(ax.tasks)] for ax in p.grid.axes]
+    else:
+        lat = list(_lattice(p.config))
+        per_axis = [[_patches(b - a - 2 * lat[x][2], lat[x][0], lat[x][0] - lat[x][1])
+                     for a, b in rs] for x, rs in enumerate(_read_ranges(p))]
+        if p.tissue is None:
+            return math.prod(sum(t) for t in per_axis)
+    return round(p.tissue.masked_sum(per_axis))
 
 
 def worker_seconds(p: Plan) -> dict[str, float]:
@@ -289,11 +296,12 @@ def _messages(p: Plan) -> tuple[dict[str, int], int]:
     tasks, billed = {}, 0
     for name in stage_names(p):
         grid = stage_grid(p, name)
-        n = tasks[name] = len(grid)
+        n = len(grid)
+        tasks[name] = n - (p.masked if name == "inference" else 0)    # masked: not published
         attrs = {"run": run, "stage": name, "kind": stage_kind(name), "index": str(n - 1)}
         size = (len(encode(run, name, n - 1, grid.box(n - 1))) + PUBSUB_MESSAGE_EXTRA
                 + sum(len(k) + len(v) for k, v in attrs.items()))
-        billed += n * (size + max(PUBSUB_REQUEST_MIN, size))
+        billed += tasks[name] * (size + max(PUBSUB_REQUEST_MIN, size))
     return tasks, billed
 
 
@@ -331,6 +339,7 @@ def bill(p: Plan, input_chunk=None) -> dict:
     teravoxels = p.bbox.size / 1e12
     return {
         "prices_date": prices.date, "tasks": tasks,
+        "skipped": {"inference": p.masked},          # outside the mask: not in tasks or hours
         "worker_hours": hours,
         "throughput": cfg.cost.throughput.model_dump(),
         "patches": inference_patches(p),

@@ -17,6 +17,7 @@ from .blend import OverlapGrid
 from .config import ConfigError, RunConfig
 from .downsample import DownsamplePass, mip_bounds, plan_downsample
 from .geometry import Box, ChunkGrid, Vec3
+from .mask import MaskCoverageError, TissueMap
 from .sharding import shard_shape, sharding_spec, spec_bytes
 from .models import Model
 from .volume import LayerNotFound, Volume
@@ -36,6 +37,16 @@ class Plan:
     downsample: tuple[DownsamplePass, ...]
     shard_shapes: Optional[tuple[Vec3, ...]] = None   # per output mip; None: unsharded
     shard_bytes: Optional[int] = None                 # a full shard's, uncompressed
+    tissue: Optional[TissueMap] = None                # `mask:`; None: every task runs
+
+    def runs(self, index: int) -> bool:
+        """Whether inference task `index` meets tissue (is published and run)."""
+        return self.tissue is None or self.tissue.runs(index)
+
+    @property
+    def masked(self) -> int:
+        """Inference tasks outside the mask: never published, counted as skipped."""
+        return self.tissue.masked if self.tissue is not None else 0
 
     @property
     def output_voxel_bytes(self) -> int:
@@ -77,8 +88,22 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
     ds = config.downsample
     passes = plan_downsample(bounds, bbox, config.storage_chunk, ds.factor, ds.mips,
                              voxel_bytes, ds.memory_target, shards)
+    tissue = _tissue(config, bbox, source.resolution, grid) if config.mask else None
     return Plan(config, bbox, bounds, source.num_channels, str(source.dtype), source.resolution,
-                grid, tuple(passes), shards, shard_bytes)
+                grid, tuple(passes), shards, shard_bytes, tissue)
+
+
+def _tissue(config: RunConfig, bbox: Box, resolution, grid) -> TissueMap:
+    """Read the mask (once, at its mip) and find the tasks that meet tissue; a mask that is
+    missing, lacks the mip or does not cover the bbox is refused naming the field."""
+    mask = open_layer(config.mask.layer, "mask.layer")
+    if config.mask.mip >= mask.num_mips:
+        raise ConfigError("mask.mip", f"{config.mask.mip} is not a mip of the mask layer "
+                          f"{config.mask.layer} (it has mips 0..{mask.num_mips - 1})")
+    try:
+        return TissueMap(mask.at_mip(config.mask.mip), bbox, resolution, grid)
+    except MaskCoverageError as exc:
+        raise ConfigError("mask.layer", f"{config.mask.layer} {exc}") from None
 
 
 def open_layer(url: str, field: str) -> Volume:

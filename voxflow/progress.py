@@ -57,10 +57,13 @@ class RateMeter:
 
 
 def stage_rows(queue: TaskQueue, run: str, meter: RateMeter,
-               planned: Optional[dict[str, int]] = None) -> list[dict]:
-    """Per stage, in run order: tasks done / total / pending / leased / dead, percent, rate
-    (tasks/s) and ETA (s). `planned`: each stage's task count from the plan (a stage not
-    yet published shows 0 of its planned tasks)."""
+               planned: Optional[dict[str, int]] = None,
+               masked: Optional[dict[str, int]] = None) -> list[dict]:
+    """Per stage, in run order: tasks done / total / pending / leased / dead / skipped,
+    percent, rate (tasks/s) and ETA (s). `planned`: each stage's task count from the plan
+    (a stage not yet published shows 0 of its planned tasks), without the tasks outside
+    the mask (`masked`, by stage): those are never published and count as skipped, as do
+    the tasks the workers skipped as empty (which are also done)."""
     stats = queue.stats(run)
     names = sorted(set(stats) | set(planned or {}), key=stage_order)
     rows = []
@@ -73,6 +76,7 @@ def stage_rows(queue: TaskQueue, run: str, meter: RateMeter,
         rows.append({"stage": name, "total": total, "published": s.total if s else 0,
                      "pending": s.pending if s else 0, "leased": s.leased if s else 0,
                      "done": done, "dead": s.dead if s else 0,
+                     "skipped": (masked or {}).get(name, 0) + (s.skipped if s else 0),
                      "percent": 100.0 * done / total if total else 0.0, "rate": rate,
                      "eta_seconds": left / rate if rate and left else (0.0 if not left
                                                                         else None)})

@@ -28,7 +28,7 @@ from .groups import Autoscaler, WorkerGroup, open_stage_group
 from .messages import encode
 from .identity import run_identity
 from .pipeline import Plan, create_layers, plan
-from .queues import DeadLetter, TaskQueue, open_queue
+from .queues import DeadLetter, StageStats, TaskQueue, open_queue
 from .stages import StageCache, stage_grid, stage_kind, stage_names
 from .worker import JsonLog, Worker
 
@@ -47,6 +47,15 @@ class Reporter(Protocol):
 
     def finish(self) -> None: ...
 
+    # optional: `skip(count)`, the stage's tasks not run (outside the mask, or skipped as
+    # empty by the workers), called before each update when the reporter has it
+
+
+def skipped_tasks(p: Plan, name: str, stats: Optional[StageStats]) -> int:
+    """Tasks of a stage that are not run: outside the mask (never published) plus those the
+    workers skipped (`skip_empty`; counted done too)."""
+    return (p.masked if name == "inference" else 0) + (stats.skipped if stats else 0)
+
 
 class RunFailed(RuntimeError):
     """Tasks of a stage ended in dead letters; names them and why."""
@@ -62,9 +71,11 @@ class RunFailed(RuntimeError):
 @dataclass
 class StageSummary:
     name: str
-    tasks: int
-    skipped: int
+    tasks: int              # published
+    skipped: int            # already done when published (a resumed run)
     seconds: float
+    masked: int = 0         # outside the mask: not published
+    empty: int = 0          # skipped by the workers: input all one value (in `tasks`)
 
 
 @dataclass
@@ -155,14 +166,18 @@ def delete_temporary(config: RunConfig, run_id: str) -> None:
 def publish_stage(queue: TaskQueue, run_id: str, p: Plan, name: str) -> int:
     """Publish every task of a stage (streamed from its lazy grid), heart-beating as it goes
     (publishing 10^7 tasks takes minutes); returns how many were already done (a resumed
-    run skips them). Publishing again re-sends only what the queue may have lost."""
+    run skips them). Publishing again re-sends only what the queue may have lost. Inference
+    tasks outside the mask are never published (`Plan.runs`)."""
     grid, kind = stage_grid(p, name), stage_kind(name)
     before = queue.stats(run_id).get(name)
+    masked = name == "inference" and p.tissue is not None
 
     def messages():
         for i in range(len(grid)):
             if i and i % HEARTBEAT_EVERY == 0:
                 queue.heartbeat(run_id)
+            if masked and not p.runs(i):
+                continue
             yield i, encode(run_id, name, i, grid.box(i))
 
     queue.publish(run_id, name, kind, messages())
@@ -206,6 +221,8 @@ def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds,
                 beat = time.monotonic()
             stats = queue.stats(run_id)[name]
             if reporter:
+                if hasattr(reporter, "skip"):
+                    reporter.skip(skipped_tasks(p, name, stats))
                 reporter.update(stats.done, stats.dead)
             if stats.open == 0:
                 break
@@ -226,4 +243,5 @@ def _run_stage(config, p, queue, run_id, name, reporter, poll_seconds,
             reporter.finish()
     if stats.dead:
         raise RunFailed(run_id, name, queue.dead_letters(run_id), stats.dead)
-    return StageSummary(name, stats.total, skipped, time.perf_counter() - t0)
+    return StageSummary(name, stats.total, skipped, time.perf_counter() - t0,
+                        p.masked if name == "inference" else 0, stats.skipped)

@@ -21,13 +21,14 @@ from .blend import BandGrid, OverlapGrid
 from .downsample import downsample
 from .geometry import Box, ChunkGrid
 from .inference import SlidingWindow
+from .inputs import CorruptChunk, read_input  # noqa: F401 (CorruptChunk: re-exported)
+from .mask import Skipped, apply_mask, uniform, unwrap
 from .models import Model, ModelOutputError, pick_device, to_host
 from .config import RunConfig
 from .pipeline import Plan, plan
-from .retry import transient
 from .sharding import shard_grid
 from .temporary import TemporaryStore, pack_key, partial_key, temporary_url
-from .volume import MissingChunk, Volume
+from .volume import Volume
 
 
 class Stage(Protocol):
@@ -87,47 +88,6 @@ def _forward(stage: str, index: int, box: Box, fn: Callable[[], Any]) -> Any:
         raise
 
 
-class CorruptChunk(ValueError):
-    """A chunk file of the input that exists but cannot be decoded (truncated, garbage)."""
-
-
-def _read_input(volume: Volume, box: Box, pad: str) -> np.ndarray:
-    """`volume.read`, naming the chunk file when one cannot be decoded. cloud-volume's own
-    error names no file; on that (rare) path each storage chunk the read meets is read on its
-    own to find it. A missing chunk already names itself, and a storage error that is not
-    the data's (a retry budget spent, a connection lost) is not a corrupt chunk: it fails
-    the task as it is, and the queue retries it."""
-    try:
-        return volume.read(box, pad=pad)
-    except (MissingChunk, ConnectionError, TimeoutError):
-        raise
-    except Exception as exc:
-        if transient(exc):
-            raise
-        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-    raise CorruptChunk(f"{_undecodable_chunk(volume, box)} of the input cannot be decoded "
-                       f"(reading {box}): {error}")
-
-
-def _undecodable_chunk(volume: Volume, box: Box) -> str:
-    inside, bounds = box.intersect(volume.bounds), volume.bounds
-    chunk, origin = volume.chunk, bounds.start
-    first = [o + (a - o) // c * c for a, o, c in zip(inside.start, origin, chunk)]
-    for z in range(first[2], inside.stop[2], chunk[2]):
-        for y in range(first[1], inside.stop[1], chunk[1]):
-            for x in range(first[0], inside.stop[0], chunk[0]):
-                cbox = Box((x, y, z), (x + chunk[0], y + chunk[1], z + chunk[2])
-                           ).intersect(bounds)
-                try:
-                    volume.read(cbox)
-                except Exception:
-                    if volume.shard_shape is not None:
-                        return f"chunk {cbox} of {volume.url}/{volume.key} (sharded)"
-                    name = "_".join(f"{a}-{b}" for a, b in zip(cbox.start, cbox.stop))
-                    return f"chunk {volume.url}/{volume.key}/{name}"
-    return f"a chunk of {volume.url}/{volume.key}"
-
-
 def to_output_dtype(prob: torch.Tensor, dtype: str) -> torch.Tensor:
     """float32 probabilities -> the output dtype, on the device (less to copy back)."""
     if dtype == "uint8":
@@ -165,17 +125,20 @@ class InferenceStage:
                    [b + s - s // 2 for b, s in zip(read.stop, short)])
 
     def load(self, index: int) -> np.ndarray:
-        return _read_input(self._input, self.read_box(index), self.plan.config.inference.pad)
+        return read_input(self._input, self.read_box(index), self.plan.config.inference.pad)
 
-    def compute(self, index: int, image: np.ndarray) -> list[tuple[Box, Callable]]:
-        box, read = self.box(index), self.read_box(index)
+    def compute(self, index: int, image: np.ndarray) -> Union[list, Skipped]:
+        box, read, cfg = self.box(index), self.read_box(index), self.plan.config
+        if cfg.skip_empty and uniform(image):
+            zeros = np.zeros((cfg.model.output_channels, *reversed(box.shape)), cfg.output_dtype)
+            return Skipped([(box, zeros)])
         result = _forward(self.name, index, box, lambda: self.window(image))  # read - margin
-        origin = [a + m for a, m in zip(read.start, self.plan.config.model.patch_margin)]
-        crop = result[(slice(None), *box.zyx_slices(origin))]
-        return [(box, to_host(to_output_dtype(crop, self.plan.config.output_dtype)))]
+        origin = [a + m for a, m in zip(read.start, cfg.model.patch_margin)]
+        crop = apply_mask(result[(slice(None), *box.zyx_slices(origin))], self.plan.tissue, box)
+        return [(box, to_host(to_output_dtype(crop, cfg.output_dtype)))]
 
-    def write(self, index: int, computed: list[tuple[Box, Callable]]) -> None:
-        for box, data in computed:
+    def write(self, index: int, computed: Union[list, Skipped]) -> None:
+        for box, data in unwrap(computed):
             self._output.write(box, _host(data))
 
 
@@ -205,18 +168,28 @@ class OverlapInferenceStage(InferenceStage):
         return _task_box(self.grid, index, self.name)
 
     def load(self, index: int) -> np.ndarray:
-        return _read_input(self._input, self.grid.read_box(index),
+        return read_input(self._input, self.grid.read_box(index),
                            self.plan.config.inference.pad)
 
     @torch.inference_mode()
-    def compute(self, index: int, image: np.ndarray) -> tuple[str, list]:
+    def compute(self, index: int, image: np.ndarray) -> Union[tuple[str, list], Skipped]:
         """("pieces", [(box, cell, values)]): final values of the exclusive box (cell None)
-        and partial sums of band cells; sharded, ("pack", ...) of pieces split by shard."""
+        and partial sums of band cells; sharded, ("pack", ...) of pieces split by shard.
+        Masked outside the tissue; zeros (partials too) for a skipped empty input."""
+        cfg, extent = self.plan.config, self.grid.extent(index)
+        empty = cfg.skip_empty and uniform(image)
+        if empty:
+            acc = torch.zeros((cfg.model.output_channels, *reversed(extent.shape)))
+        else:
+            acc = _forward(self.name, index, self.box(index), lambda: self.window.weighted_sum(
+                image, self.grid.patch_starts(index)))
+            _divide(acc, self.grid.weight_sums(index, cfg.inference.weighting))
+            acc = apply_mask(acc, self.plan.tissue, extent)
+        pieces = self._pieces(index, acc, extent.start)
+        return Skipped(pieces) if empty else pieces
+
+    def _pieces(self, index: int, acc: torch.Tensor, origin) -> tuple[str, list]:
         cfg = self.plan.config
-        acc = _forward(self.name, index, self.box(index), lambda: self.window.weighted_sum(
-            image, self.grid.patch_starts(index)))
-        _divide(acc, self.grid.weight_sums(index, cfg.inference.weighting))
-        origin = self.grid.extent(index).start
 
         def values(box: Box, final: bool) -> Callable[[], np.ndarray]:
             part = acc[(slice(None), *box.zyx_slices(origin))]
@@ -236,8 +209,8 @@ class OverlapInferenceStage(InferenceStage):
                     packed.append((box, piece.cell, values(box, piece.cell is None)))
         return "pack", packed
 
-    def write(self, index: int, computed: tuple[str, list]) -> None:
-        how, pieces = computed
+    def write(self, index: int, computed: Union[tuple[str, list], Skipped]) -> None:
+        how, pieces = unwrap(computed)
         if how == "pack":
             self.store.put_pack(pack_key(index), [(b, c, _host(v)) for b, c, v in pieces])
             return
@@ -279,7 +252,7 @@ class BlendStage(_Blend):
         return [(self.bands.cell_box(cell),
                  [(box, self.store.get(partial_key(cell, task),
                                        (channels, *reversed(box.shape))))
-                  for task, box in self.bands.sources(cell)])
+                  for task, box in self.bands.sources(cell) if self.plan.runs(task)])
                 for cell in self.bands.cells(index)]
 
     def compute(self, index: int, cells: list[tuple[Box, list[tuple[Box, np.ndarray]]]]
@@ -310,7 +283,7 @@ class ShardBlendStage(_Blend):
     def load(self, index: int) -> list[list[tuple[Box, Optional[tuple], np.ndarray]]]:
         shard = self.box(index)
         return [self.store.pack_pieces(pack_key(task), shard)
-                for task in self.plan.grid.tasks_meeting(shard)]
+                for task in self.plan.grid.tasks_meeting(shard) if self.plan.runs(task)]
 
     def compute(self, index: int, packs: list) -> np.ndarray:
         cfg, shard = self.plan.config, self.box(index)

@@ -303,11 +303,15 @@ class Worker:
             return self._fail(job, exc)
         if not self._drop(job.lease):                   # given up meanwhile: not ours to ack
             return
-        self.queue.ack(job.lease)                       # only now: all its writes are done
+        computed, seconds = job.computed.result()
+        skipped = getattr(computed, "skipped", False)    # `voxflow.mask.Skipped`: no model run
+        if skipped:
+            self.queue.ack(job.lease, skipped=True)     # only now: all its writes are done
+        else:
+            self.queue.ack(job.lease)
         self.done += 1
-        seconds = job.computed.result()[1]
         self._served[job.lease.run] = self._served.get(job.lease.run, 0.0) + seconds
-        self.log("task_done", seconds=round(seconds, 3),
+        self.log("task_done", seconds=round(seconds, 3), skipped=skipped,
                  write_seconds=round(job.written.result(), 3), **self._fields(job))
 
     # -- the loop --------------------------------------------------------------------------

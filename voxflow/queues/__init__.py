@@ -52,6 +52,7 @@ class StageStats:
     leased: int = 0
     done: int = 0
     dead: int = 0
+    skipped: int = 0      # of done: finished without running (`ack(..., skipped=True)`)
 
     @property
     def total(self) -> int:
@@ -122,7 +123,9 @@ class TaskQueue(Protocol):
 
     def extend(self, lease: Lease, seconds: Optional[float] = None) -> bool: ...
 
-    def ack(self, lease: Lease) -> None: ...
+    def ack(self, lease: Lease, skipped: bool = False) -> None:
+        """Record the task done (idempotent); `skipped`: it finished without running its
+        operation (an empty input), counted in `StageStats.skipped` too."""
 
     def nack(self, lease: Lease, error: str) -> None: ...
 

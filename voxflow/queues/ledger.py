@@ -9,7 +9,11 @@ Layout (TOKEN = `run_token(run)`, D = `data/TOKEN`):
 - `D/stages/STAGE.json`: the stage's kind, its published indices as `Ranges`, when queued.
 - `D/done/STAGE/INDEX`: one empty marker per finished task: a redelivery is checked against
   it by key (one GET) and acknowledged on sight.
-- `D/journal/STAGE/INDEX` and `D/compact/STAGE/ID`: progress (below).
+- `D/journal/STAGE/INDEX` and `D/compact/STAGE/ID`: progress (below). A task acked as
+  skipped (it did not run: an empty input) also has `D/journal/STAGE/s/INDEX`, which the
+  same listing returns, compacted into `D/compact/STAGE/s-ID` records (bitmaps of the
+  skipped tasks, folded like the done ones): counting skipped tasks costs a poll nothing
+  until one exists, then one GET.
 - `D/dead/STAGE/INDEX` (dead letters: attempts, error, body), `D/tasks/STAGE/INDEX` (releases,
   failures, last error), `leases/KIND/TOKEN/STAGE/INDEX` (who holds a task until when).
 
@@ -58,6 +62,8 @@ from . import ACTIVE
 from ..storage import Storage
 
 RECORD_READS = 3        # listings tried while compactions keep merging the records away
+SKIP_ENTRY = "s/"       # journal/STAGE/s/INDEX: the task was acked as skipped
+SKIP_RECORD = "s-"      # compact/STAGE/s-ID: a bitmap of skipped tasks
 
 
 def run_token(run: str) -> str:
@@ -216,57 +222,93 @@ class Ledger(Storage):
         """The indices of a stage's per-task objects of one kind, as listed."""
         return (int(k.rsplit("/", 1)[1]) for k in self.list(self.prefix(run, what, stage)))
 
-    # -- done --------------------------------------------------------------------------------
-    def mark_done(self, tasks: Iterable[tuple[str, str, int]]) -> None:
+    # -- done ------------------------------------------------------------------------------
+    def mark_done(self, tasks: Iterable[tuple[str, str, int]], skipped: bool = False) -> None:
         """Record (run, stage, index) tasks done: journal entries, then markers (a marker
-        implies its entry). A task named twice is written once."""
+        implies its entry). A task named twice is written once. `skipped` (finished without
+        running): an entry `journal/STAGE/s/INDEX` first, which the same listing finds."""
         tasks = set(tasks)
-        for what in ("journal", "done"):
-            self.put_many((self.prefix(run, what, stage) + str(index), b"")
+        kinds = (("journal", SKIP_ENTRY), ("journal", ""), ("done", "")) if skipped else \
+            (("journal", ""), ("done", ""))
+        for what, sub in kinds:
+            self.put_many((self.prefix(run, what, stage) + sub + str(index), b"")
                           for run, stage, index in tasks)
 
     def done(self, run: str, stage: str) -> Bitmap:
         """The stage's done indices, as a poll reads them: journal before records."""
-        journal = list(self._indices(run, "journal", stage))
-        keys, done = self._compacted(run, stage)
-        for index in itertools.chain(journal, () if keys else self._indices(run, "done", stage)):
+        return self.progress(run, stage)[0]
+
+    def progress(self, run: str, stage: str) -> tuple[Bitmap, Bitmap]:
+        """The stage's done indices and, of them, the skipped ones: the journal (a skipped
+        task's two entries, one listing), then the compact records."""
+        prefix = self.prefix(run, "journal", stage)
+        journal = list(self.list(prefix))
+        keys, done, _, skipped = self._compacted(run, stage)
+        for key in journal:
+            index = int(key.rsplit("/", 1)[1])
             done.add(index)
-        return done
+            if key[len(prefix):].startswith(SKIP_ENTRY):
+                skipped.add(index)
+        if not keys:
+            for index in self._indices(run, "done", stage):
+                done.add(index)
+        return done, skipped
 
     def compact(self, run: str, stage: str) -> Bitmap:
         """Fold the stage's journal into one compact record (the heartbeat's job); returns
         the stage's done indices."""
-        entries = list(self.list(self.prefix(run, "journal", stage)))
-        return self.fold(run, stage, (int(k.rsplit("/", 1)[1]) for k in entries), entries)
+        prefix = self.prefix(run, "journal", stage)
+        entries = list(self.list(prefix))
+        skipped = [int(k.rsplit("/", 1)[1]) for k in entries
+                   if k[len(prefix):].startswith(SKIP_ENTRY)]
+        return self.fold(run, stage, (int(k.rsplit("/", 1)[1]) for k in entries), entries,
+                         skipped)
 
-    def fold(self, run: str, stage: str, indices: Iterable[int], entries: list[str]) -> Bitmap:
+    def fold(self, run: str, stage: str, indices: Iterable[int], entries: list[str],
+             skipped: Iterable[int] = ()) -> Bitmap:
         """Write the union of the stage's records and `indices` as a new record, then delete
-        the records read and the journal `entries` (which `indices` must cover)."""
-        keys, done = self._compacted(run, stage)
-        before = len(done)
+        the records read and the journal `entries` (which `indices` must cover); `skipped`
+        indices likewise into a skipped record (named `s-…`, beside the done ones)."""
+        keys, done, skip_keys, skips = self._compacted(run, stage)
+        before, skips_before = len(done), len(skips)
         if not keys:                        # never compacted: fold the markers in too
             indices = itertools.chain(indices, self._indices(run, "done", stage))
         for index in indices:
             done.add(index)
+        for index in skipped:
+            skips.add(index)
+        base = self.prefix(run, "compact", stage)
+        if len(skips) > skips_before or len(skip_keys) > 1:
+            self.put(base + SKIP_RECORD + uuid.uuid4().hex, skips.encode())
+            self.delete(skip_keys)
         if len(done) > before or len(keys) > 1:
-            self.put(self.prefix(run, "compact", stage) + uuid.uuid4().hex, done.encode())
+            self.put(base + uuid.uuid4().hex, done.encode())
             self.delete(keys)
         self.delete(entries)
         return done
 
-    def _compacted(self, run: str, stage: str) -> tuple[list[str], Bitmap]:
-        """The stage's compact records that could be read, and their union. One listed but
-        gone when read was merged into a newer record by a compaction: list again."""
+    def _compacted(self, run: str, stage: str) -> tuple[list[str], Bitmap, list[str], Bitmap]:
+        """The stage's compact records that could be read and their union: done records,
+        then skipped ones. One listed but gone when read was merged into a newer record by
+        a compaction: list again."""
         prefix = self.prefix(run, "compact", stage)
         for _ in range(RECORD_READS):
             found = self.get_many(list(self.list(prefix)))
             if all(v is not None for v in found.values()):
                 break
-        done = Bitmap()
-        for data in found.values():
-            if data is not None:
+        done, skipped = Bitmap(), Bitmap()
+        keys: list[str] = []
+        skip_keys: list[str] = []
+        for key, data in found.items():
+            if data is None:
+                continue
+            if key[len(prefix):].startswith(SKIP_RECORD):
+                skipped |= Bitmap.decode(data)
+                skip_keys.append(key)
+            else:
                 done |= Bitmap.decode(data)
-        return [k for k, v in found.items() if v is not None], done
+                keys.append(key)
+        return keys, done, skip_keys, skipped
 
     # -- dead letters ------------------------------------------------------------------------
     def dead(self, run: str, stage: str, index: int, attempts: int, error: str,

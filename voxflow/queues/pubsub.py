@@ -463,14 +463,15 @@ class PubSubQueue:
         return True
 
     @writes
-    def ack(self, lease: Lease) -> None:
-        """Record the task done, then acknowledge it. Idempotent."""
-        self.ack_many([lease])
+    def ack(self, lease: Lease, skipped: bool = False) -> None:
+        """Record the task done (and, `skipped`, that it did not run), then acknowledge it.
+        Idempotent."""
+        self.ack_many([lease], skipped=skipped)
 
     @writes
-    def ack_many(self, leases: Iterable[Lease]) -> None:
+    def ack_many(self, leases: Iterable[Lease], skipped: bool = False) -> None:
         leases = list(leases)
-        self.ledger.mark_done((l.run, l.stage, l.index) for l in leases)
+        self.ledger.mark_done(((l.run, l.stage, l.index) for l in leases), skipped=skipped)
         by_sub: dict[str, list[str]] = {}
         for lease in leases:
             key, record = self._holder(lease)
@@ -548,11 +549,12 @@ class PubSubQueue:
             {r["kind"] for r in stages.values()}, run, self.clock()))
         out = {}
         for stage, record in stages.items():
-            finished = self.ledger.done(run, stage)
+            finished, skipped = self.ledger.progress(run, stage)
             done, dead = len(finished), len(self.ledger.dead_only(run, stage, finished))
             total = Ranges(record["tasks"]).total
             held = min(leased[stage], total - done - dead)
-            out[stage] = StageStats(max(total - done - dead - held, 0), max(held, 0), done, dead)
+            out[stage] = StageStats(max(total - done - dead - held, 0), max(held, 0), done, dead,
+                                    len(skipped))
         return out
 
     def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]:

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS runs (
 RUN_COLUMNS = {"state": ("TEXT NOT NULL DEFAULT 'active'", "'active'"),
                "heartbeat": ("REAL NOT NULL DEFAULT 0", "created"),
                "meta": ("TEXT NOT NULL DEFAULT '{}'", "'{}'")}
+# ... and `counts`: done tasks acked as skipped (0 in files from before)
+COUNT_COLUMNS = {"skipped": ("INTEGER NOT NULL DEFAULT 0", "0")}
 
 
 class SQLiteQueue:
@@ -97,9 +99,14 @@ class SQLiteQueue:
                 for name, (declaration, before) in self._missing_run_columns(db).items():
                     db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
                     db.execute(f"UPDATE runs SET {name} = {before}")
+                for name, (declaration, _) in self._missing_columns(db, "counts",
+                                                                     COUNT_COLUMNS).items():
+                    db.execute(f"ALTER TABLE counts ADD COLUMN {name} {declaration}")
         missing = self._missing_run_columns(self._db)       # read-only: read what is there
         self._run_state_columns = ", ".join(missing[name][1] if name in missing else name
                                             for name in RUN_COLUMNS)
+        old = self._missing_columns(self._db, "counts", COUNT_COLUMNS)
+        self._skipped_column = old["skipped"][1] if "skipped" in old else "skipped"
 
     # -- transactions --------------------------------------------------------------------
     class _Tx:
@@ -142,8 +149,12 @@ class SQLiteQueue:
 
     @staticmethod
     def _missing_run_columns(db) -> dict[str, tuple[str, str]]:
-        present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-        return {k: v for k, v in RUN_COLUMNS.items() if k not in present}
+        return SQLiteQueue._missing_columns(db, "runs", RUN_COLUMNS)
+
+    @staticmethod
+    def _missing_columns(db, table: str, columns: dict) -> dict[str, tuple[str, str]]:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        return {k: v for k, v in columns.items() if k not in present}
 
     @staticmethod
     def _count(db, run: str, stage: str, **delta: int) -> None:
@@ -337,12 +348,14 @@ class SQLiteQueue:
             return cur.rowcount == 1
 
     @writes
-    def ack(self, lease: Lease) -> None:
-        """Record the task done (its writes are complete). Idempotent."""
-        self.ack_many([lease])
+    def ack(self, lease: Lease, skipped: bool = False) -> None:
+        """Record the task done (its writes are complete). Idempotent. `skipped`: it did
+        not run its operation (counted apart too)."""
+        self.ack_many([lease], skipped=skipped)
 
     @writes
-    def ack_many(self, leases: Iterable[Lease]) -> None:
+    def ack_many(self, leases: Iterable[Lease], skipped: bool = False) -> None:
+        extra = {"skipped": 1} if skipped else {}
         with self._write() as db:
             for lease in leases:
                 key = (lease.run, lease.stage, lease.index)
@@ -352,7 +365,8 @@ class SQLiteQueue:
                     continue
                 db.execute("UPDATE tasks SET state = ?, due = ?, token = NULL, error = NULL "
                            "WHERE run = ? AND stage = ? AND idx = ?", (DONE, NEVER, *key))
-                self._count(db, lease.run, lease.stage, **{_STATE_COLUMN[row[0]]: -1, "done": 1})
+                self._count(db, lease.run, lease.stage,
+                            **{_STATE_COLUMN[row[0]]: -1, "done": 1, **extra})
 
     def _settle(self, lease: Lease, error: Optional[str], how: str) -> None:
         with self._write() as db:
@@ -386,9 +400,10 @@ class SQLiteQueue:
     # -- inspection ----------------------------------------------------------------------
     def stats(self, run: str) -> dict[str, StageStats]:
         with self._lock:
-            rows = self._db.execute("SELECT stage, pending, leased, done, dead FROM counts "
-                                    "WHERE run = ?", (run,)).fetchall()
-        return {stage: StageStats(p, l, d, x) for stage, p, l, d, x in rows}
+            rows = self._db.execute("SELECT stage, pending, leased, done, dead, "
+                                    f"{self._skipped_column} FROM counts WHERE run = ?",
+                                    (run,)).fetchall()
+        return {stage: StageStats(p, l, d, x, k) for stage, p, l, d, x, k in rows}
 
     def dead_letters(self, run: str, limit: int = 100) -> list[DeadLetter]:
         with self._lock:
