@@ -5,11 +5,14 @@ A pipeline file is a run config (docs/config.md) plus pipeline keys
 `description`, `tags`, `approve_above_usd`. Parsing reads the YAML and validates it without
 I/O: no storage or queue calls at parse time.
 
-Every DAG has a task group for every kind of stage, whatever its YAML says: the trigger
-form can ask for stages the YAML does not have (`blend: overlap` over a crop pipeline,
-`mips: 2` over `mips: 0`), and a run must produce exactly what its effective parameters
-ask. A group the run does not need skips itself (its publish task raises a skip), so the
-next group and finalize run on `none_failed`.
+Every DAG has a task group for every kind of stage the form can ask for, whatever its YAML
+says: the trigger form can ask for stages the YAML does not have (`blend: overlap` over a
+crop pipeline, `mips: 2` over `mips: 0`), and a run must produce exactly what its effective
+parameters ask. A group the run does not need skips itself (its publish task raises a
+skip), so the next group and finalize run on `none_failed`. The segmentation group is the
+exception: the form has no `segmentation` keys, so only a YAML with a `segmentation:`
+section gets it (in run order: after blend, before downsample), and the plan task refuses
+a run whose parameters ask for a stage kind its DAG has no group for.
 
 A pipeline with `approve_above_usd` has one more task, the cost gate (`operators/gate.py`),
 between `plan` and the first group: a run estimated above it waits for a person's approval.
@@ -36,7 +39,8 @@ from .pipeline import (FinalizeOperator, PlanRunOperator, PublishStageOperator,
                        ScaleWorkersOperator, WaitForStageOperator)
 from .triggers import FileDigestTrigger
 
-KINDS = ("inference", "blend", "downsample")
+KINDS = ("inference", "blend", "downsample")        # every DAG's groups
+RUN_ORDER = ("inference", "blend", "segmentation", "downsample")
 START = datetime(2026, 1, 1)
 # Every voxflow task is idempotent, so a retry is always safe; it also rides out an
 # executor hiccup (a deferred task resumed while its previous process's exit is still being
@@ -66,6 +70,12 @@ def _schedule(dag_id: str, keys: PipelineKeys, watched: list[str]) -> Any:
     return assets or keys.schedule
 
 
+def dag_kinds(config) -> list[str]:
+    """The DAG's stage groups in run order: every kind the form can ask for, and the
+    segmentation when the pipeline file has a `segmentation:` section."""
+    return [k for k in RUN_ORDER if k in KINDS or (k == "segmentation" and config.segmentation)]
+
+
 def build_dag(path: Path) -> DAG:
     path = Path(path)
     keys, config = load_pipeline(path)
@@ -76,13 +86,14 @@ def build_dag(path: Path) -> DAG:
              catchup=keys.catchup, params=config_params(config), description=description,
              tags=["voxflow", *keys.tags], max_active_runs=4,
              doc_md=f"Pipeline `{path.name}`. {description}", default_args=DEFAULT_ARGS) as dag:
+        kinds = dag_kinds(config)
         previous = PlanRunOperator(task_id="plan", base_dir=str(path.parent.resolve()),
-                                   fixed=fixed_config(config))
+                                   fixed=fixed_config(config), kinds=kinds)
         if keys.approve_above_usd is not None:      # the cost gate, before anything starts
             gate = CostGateOperator(task_id=GATE_TASK, approve_above_usd=keys.approve_above_usd)
             previous >> gate
             previous = gate
-        for kind in KINDS:
+        for kind in kinds:
             with TaskGroup(kind) as group:
                 publish = PublishStageOperator(task_id="publish", kind=kind,
                                                trigger_rule="none_failed")

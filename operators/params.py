@@ -7,7 +7,9 @@ model, inference, output, downsample, workers), with the pipeline YAML's value a
 the field's description. What belongs to the deployment — queue, prices and throughputs,
 where and on what machines workers run — is not in the form: it stays as the pipeline YAML
 says (`fixed_config`), and an API caller may still override any dotted key in the run's conf.
-An `[x, y, z]` is a one-line field ("64 64 8", "64, 64, 8" or JSON). `config_from_params`
+An `[x, y, z]` is a one-line field ("64 64 8", "64, 64, 8" or JSON), a list of choices
+(`augment`) a multi-select, a list of sections (`postprocess`) a JSON field validated
+against the sections' own schema. `config_from_params`
 folds a run's params back onto the fixed part, so a bad value is refused naming the same
 dotted field.
 """
@@ -26,9 +28,11 @@ _SCHEMA_KEYS = ("type", "enum", "items", "minItems", "maxItems", "minimum", "max
 # form sections in the order a run uses them: (section, dotted prefixes or keys)
 SECTIONS = (
     ("volume", ("input", "mip", "bbox.", "input_missing")),
+    ("mask", ("mask.", "skip_empty")),
     ("model", ("model.",)),
-    ("inference", ("inference.",)),
-    ("output", ("output", "output_dtype", "storage_chunk", "sharding", "shard_bytes")),
+    ("inference", ("inference.", "augment")),
+    ("output", ("output", "postprocess", "output_dtype", "storage_chunk", "sharding",
+                "shard_bytes")),
     ("downsample", ("downsample.",)),
     ("workers", ("workers.inference.max", "workers.blend.max", "workers.downsample.max")),
 )
@@ -48,8 +52,20 @@ def _resolve(node: dict, defs: dict) -> dict:
     return node
 
 
+def _inline(node: Any, defs: dict) -> Any:
+    """`node` with every `$ref` replaced by its definition (a Param's schema has no `$defs`)
+    and no `discriminator` (its mapping names `$defs`; `oneOf` alone validates the same)."""
+    if isinstance(node, list):
+        return [_inline(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = _resolve(node, defs)
+    return {k: _inline(v, defs) for k, v in node.items() if k != "discriminator"}
+
+
 def _leaf_schema(node: dict, defs: dict) -> dict:
-    """The JSON schema of a leaf, with Optional[X] turned into type [X, null]."""
+    """The JSON schema of a leaf, with Optional[X] turned into type [X, null]; a list of
+    choices gets them as `examples` (Airflow's form draws that as a multi-select)."""
     node = _resolve(node, defs)
     if "anyOf" in node:
         options = [_resolve(o, defs) for o in node["anyOf"]]
@@ -58,7 +74,10 @@ def _leaf_schema(node: dict, defs: dict) -> dict:
         if len(concrete) < len(options):
             out["type"] = [out.get("type", "string"), "null"]
         return out
-    return {k: v for k, v in node.items() if k in _SCHEMA_KEYS}
+    out = {k: _inline(v, defs) for k, v in node.items() if k in _SCHEMA_KEYS}
+    if "enum" in out.get("items", {}):
+        out["examples"] = out["items"]["enum"]
+    return out
 
 
 def _leaves(props: dict, defs: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:

@@ -84,10 +84,12 @@ class PlanRunOperator(BaseOperator):
 
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, base_dir: str, fixed: Optional[dict] = None, **kwargs):
+    def __init__(self, *, base_dir: str, fixed: Optional[dict] = None,
+                 kinds: Optional[list[str]] = None, **kwargs):
         super().__init__(**kwargs)
         self.base_dir = base_dir
         self.fixed = fixed or {}             # what the form does not show (`fixed_config`)
+        self.kinds = kinds                   # the DAG's stage groups (None: any)
 
     def execute(self, context) -> dict:
         from voxflow.cli import bill_lines
@@ -95,11 +97,16 @@ class PlanRunOperator(BaseOperator):
         from voxflow.cost import bill
         from voxflow.pipeline import plan
         from voxflow.runner import register
-        from voxflow.stages import stage_names
+        from voxflow.stages import stage_kind, stage_names
         try:
             config = parse_config(config_from_params(context["params"], self.fixed),
                                   base_dir=self.base_dir)
             p = plan(config)
+            missing = sorted({stage_kind(s) for s in stage_names(p)} - set(self.kinds)) \
+                if self.kinds is not None else []
+            if missing:
+                raise ConfigError(missing[0], f"this DAG has no {missing[0]} group (its "
+                                  f"pipeline file has no `{missing[0]}:` section)")
         except ConfigError as exc:
             # kept for the console's DAG-run tab: the refusal where the user looks
             from .listeners import REFUSED_KEY       # the DAG run's note (listeners.py)
@@ -255,12 +262,12 @@ class FinalizeOperator(BaseOperator):
         from airflow.sdk import Asset
         from voxflow.cli import spent_lines
         from voxflow.cost import spent
-        from voxflow.runner import delete_temporary
+        from voxflow.runner import delete_temporary, has_temporary
         from voxflow.view import neuroglancer_link, view_link
         info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
         run, config = _run(context)
         used = spent(config, run)                # counts the partial sums: before deleting
-        if config.inference.blend == "overlap" and not config.inference.keep_temporary:
+        if has_temporary(config) and not config.inference.keep_temporary:
             delete_temporary(config, run)
         queue = _open_queue(config)
         try:

@@ -401,7 +401,7 @@ def api_retry(run: str, request: Request, user: GetUserDep, body: RetryBody,
     result = {"retried": retried, "resumed": None}
     if retried and who.get("driver") == "airflow":
         first = min({stage_kind(d.stage) for d in dead},
-                    key=("inference", "blend", "downsample").index)
+                    key=("inference", "blend", "segmentation", "downsample").index)
         error = _clear_dag_run(request, who, first)
         result["resumed"] = error is None
         if error:

@@ -32,7 +32,7 @@ def test_a_run_triggered_from_the_form_and_watched_in_the_browser(console_airflo
     page.get_by_role("button", name="Trigger").first.click()
     sections = [b.inner_text() for b in page.query_selector_all(
         "[role=dialog] button[data-part=item-trigger]")]
-    assert sections == ["volume", "model", "inference", "output", "downsample", "workers",
+    assert sections == ["volume", "mask", "model", "inference", "output", "downsample", "workers",
                         "Advanced Options"]
     assert not page.query_selector("[id^='element_queue.'], [id^='element_cost.'], "
                                    "[id*='.gce.']")

@@ -73,14 +73,30 @@ def _plan_report(p) -> dict:
                            "bytes_read": temp, "bytes_written": band * p.output_voxel_bytes})
         blend = {"mode": "overlap", "temporary_bytes": temp, "output_bytes": out_bytes,
                  "temporary_ratio": round(temp / out_bytes, 4)}
-    for i, ps in enumerate(p.downsample):
+    seg = p.segmentation
+    if seg is not None:
+        from .stages import stage_grid
+        out_read = p.bbox.size * p.output_voxel_bytes
+        ids = p.bbox.size * np.dtype(cfg.segmentation.dtype).itemsize
+        for name, read, written in (("label", out_read, 0), ("pairs", 0, 0), ("merge", 0, 0),
+                                    ("relabel", out_read, ids)):
+            stages.append({"stage": f"segmentation-{name}",
+                           "tasks": len(stage_grid(p, f"segmentation-{name}")),
+                           "voxels": p.bbox.size, "bytes_read": read, "bytes_written": written})
+    pyramids = [("downsample", ps, p.output_voxel_bytes) for ps in p.downsample]
+    if seg is not None:
+        pyramids += [("downsample-segmentation", ps, np.dtype(cfg.segmentation.dtype).itemsize)
+                     for ps in seg.downsample]
+    numbers: dict[str, int] = {}
+    for prefix, ps, voxel_bytes in pyramids:
         vox = ps.grid.bbox.size
         written = sum(vox // (cfg.downsample.factor[0] * cfg.downsample.factor[1]
                               * cfg.downsample.factor[2]) ** k for k in range(1, ps.mips + 1))
-        stages.append({"stage": f"downsample-{i}", "tasks": len(ps.grid),
+        i = numbers[prefix] = numbers.get(prefix, -1) + 1
+        stages.append({"stage": f"{prefix}-{i}", "tasks": len(ps.grid),
                        "mips": [ps.source_mip + 1, ps.source_mip + ps.mips],
-                       "voxels": vox, "bytes_read": vox * p.output_voxel_bytes,
-                       "bytes_written": written * p.output_voxel_bytes})
+                       "voxels": vox, "bytes_read": vox * voxel_bytes,
+                       "bytes_written": written * voxel_bytes})
     return {"input": cfg.input, "output": cfg.output, "mip": cfg.mip,
             "bbox": {"start": list(p.bbox.start), "stop": list(p.bbox.stop)},
             "chunk_grid": list(p.grid.counts), "blend": blend, "stages": stages,
@@ -129,8 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     worker = sub.add_parser("worker", help="serve a queue's tasks until stopped or idle")
     worker.add_argument("queue", help="queue URL, e.g. sqlite:///path/queue.db")
     worker.add_argument("--kind", "--stage", action="append", dest="kinds",
-                        help="serve only this kind of stage (inference, blend, downsample; "
-                        "downsample-1 means downsample); repeatable; default: all")
+                        help="serve only this kind of stage (inference, blend, segmentation, "
+                        "downsample; downsample-1 means downsample); repeatable; default: all")
     worker.add_argument("--worker-id")
     worker.add_argument("--lease-seconds", type=float, default=60.0)
     worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS")
@@ -316,11 +332,14 @@ def _status(args) -> int:
         return 2
     if state is not None:
         print(f"run {args.run}: {state.state}, model {state.meta.get('model_digest', '?')}")
-    print(f"{'stage':>14} {'total':>9} {'pending':>9} {'leased':>9} {'done':>9} {'dead':>9} "
-          f"{'skipped':>9}")
-    for name, s in stats.items():      # skipped: done without running (an empty input)
-        print(f"{name:>14} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} {s.dead:>9} "
-              f"{s.skipped:>9}")
+    from .progress import stage_order
+    width = max(14, *map(len, stats or [""]))
+    print(f"{'stage':>{width}} {'total':>9} {'pending':>9} {'leased':>9} {'done':>9} "
+          f"{'dead':>9} {'skipped':>9}")
+    for name in sorted(stats, key=stage_order):    # skipped: done without running (empty)
+        s = stats[name]
+        print(f"{name:>{width}} {s.total:>9} {s.pending:>9} {s.leased:>9} {s.done:>9} "
+              f"{s.dead:>9} {s.skipped:>9}")
     for d in queue.dead_letters(args.run, limit=20):
         print(f"dead: {d.stage} #{d.index} after {d.attempts} attempt(s): {d.headline}")
     return 0
@@ -338,11 +357,12 @@ def _print_plan(report: dict) -> None:
               f"{_human_bytes(blend['output_bytes'])}")
     else:
         print("blend   crop")
+    width = max(14, *(len(s["stage"]) for s in report["stages"]))
     for s in report["stages"]:
         extra = f"  mips {s['mips'][0]}..{s['mips'][1]}" if "mips" in s else ""
         if s.get("skipped"):
             extra += f"  ({s['skipped']} tasks outside the mask skipped)"
-        print(f"{s['stage']:>14}: {s['tasks']:>9} tasks  {s['voxels']:>14} voxels  "
+        print(f"{s['stage']:>{width}}: {s['tasks']:>9} tasks  {s['voxels']:>14} voxels  "
               f"read {_human_bytes(s['bytes_read']):>10}  "
               f"write {_human_bytes(s['bytes_written']):>10}{extra}")
     print("\n".join(bill_lines(report["bill"])))
@@ -363,16 +383,21 @@ def bill_lines(b: dict) -> list[str]:
                      f"{b['throughput'][kind] / 1e6:g} Mvox/s per worker  "
                      f"${d[kind + '_workers']:,.2f}")
     mips = ", ".join(f"{n:,}" for n in w["output"])
+    seg = w.get("segmentation") or []
+    seg_w = f"; segmentation by mip {', '.join(f'{n:,}' for n in seg)}" if seg else ""
+    seg_r = f"; segmentation {r['segmentation']:,}" if seg else ""
+    stored = b["bytes_stored"]
+    seg_s = f", segmentation {_human_bytes(sum(stored['segmentation']))}" if seg else ""
     lines += [
-        f"{'writes':>14}: {sum(w['output']) + w['temporary'] + w['queue']:>14,} objects "
-        f"(output by mip {mips}; temporary {w['temporary']:,}; queue {w['queue']:,})  "
-        f"${d['object_writes']:,.2f}",
+        f"{'writes':>14}: {sum(w['output']) + sum(seg) + w['temporary'] + w['queue']:>14,} "
+        f"objects (output by mip {mips}{seg_w}; temporary {w['temporary']:,}; queue "
+        f"{w['queue']:,})  ${d['object_writes']:,.2f}",
         f"{'reads':>14}: {sum(r.values()):>14,} objects (input {r['input']:,}; output "
-        f"{r['output']:,}; temporary {r['temporary']:,}; queue {r['queue']:,})  "
+        f"{r['output']:,}{seg_r}; temporary {r['temporary']:,}; queue {r['queue']:,})  "
         f"${d['object_reads']:,.2f}",
         f"{'messages':>14}: {b['messages']['count']:>14,} Pub/Sub messages, "
         f"{_human_bytes(b['messages']['billed_bytes'])} billed  ${d['pubsub']:,.2f}",
-        f"{'stored':>14}: output {_human_bytes(sum(b['bytes_stored']['output']))} "
+        f"{'stored':>14}: output {_human_bytes(sum(stored['output']))}{seg_s} "
         f"(${d['output_storage_per_month']:,.2f} per month kept); temporary "
         f"{_human_bytes(b['bytes_stored']['temporary'])} for about "
         f"{b['temporary_hours']:,.0f} h  ${d['temporary_storage']:,.2f}",
@@ -401,9 +426,11 @@ def spent_lines(spent: dict, bill: dict) -> list[str]:
                      f"operations; plan: output {sum(planned['output']):,}, temporary "
                      f"{planned['temporary']:,})")
     else:
+        seg = (f", segmentation {sum(objects['segmentation']):,} (plan "
+               f"{sum(planned['segmentation']):,})" if "segmentation" in objects else "")
         lines.append(f"spent   objects: output {sum(objects['output']):,} (plan "
                      f"{sum(planned['output']):,}), temporary {objects['temporary']:,} "
-                     f"(plan {planned['temporary']:,})")
+                     f"(plan {planned['temporary']:,}){seg}")
     return lines
 
 

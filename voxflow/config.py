@@ -17,7 +17,9 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
+from .augment import TRANSFORMS
 from .groups.local import local_capacity
+from .postprocess import OPS, OpError
 
 Size3 = Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
 NonNeg3 = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=3, max_length=3)]
@@ -157,15 +159,18 @@ class InferenceConfig(_Section):
         "each chunk reads context and crops it (chunkflow's way; no blend stage).")
     temporary: Optional[str] = Field(None, description="Overlap mode: where partial sums "
                                      "wait for the blend stage (file://, gs:// or a local "
-                                     "path), one folder per run. Default: the output's "
+                                     "path), one folder per run; the segmentation's passes "
+                                     "keep their objects there too. Default: the output's "
                                      "path + '.voxflow-tmp', beside the output layer.")
-    keep_temporary: bool = Field(False, description="Overlap mode: keep the partial sums "
-                                 "after the run succeeds (for debugging); by default they "
-                                 "are deleted.")
+    keep_temporary: bool = Field(False, description="Keep the partial sums (overlap mode) "
+                                 "and the segmentation's objects after the run succeeds (for "
+                                 "debugging); by default they are deleted.")
     weighting: Literal["bump", "gaussian"] = Field("bump", description="Patch weights used "
                                                    "to blend overlapping patches.")
     batch_size: Union[PositiveInt, Literal["auto"]] = Field(4, description="Patches per "
-                                                            "forward pass. auto: on CUDA "
+                                                            "forward pass (with augment, "
+                                                            "each orientation of a patch "
+                                                            "counts as one). auto: on CUDA "
                                                             "the largest power of two whose "
                                                             "activations fit 60% of the "
                                                             "device's memory (one probe "
@@ -491,6 +496,9 @@ class WorkersConfig(_Section):
                                description="CPU group (overlap mode's blend stage).")
     downsample: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
                                     description="CPU group.")
+    segmentation: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
+                                      description="CPU group (the segmentation stage's "
+                                      "passes).")
 
 
 PRICES_DATE = "2026-12-01"      # when the default prices below were read
@@ -508,7 +516,8 @@ class ThroughputConfig(_Section):
         77e6, description="Output voxels per second of one inference worker on one whole "
         "chunk (inference.chunk plus its margin) of this config, as `voxflow bench-model "
         "CONFIG` measures it on this machine's device; plan converts it to patches per "
-        "second, so overlap mode is priced by the patches it runs. Default: 77 Mvox/s, an "
+        "second, so overlap mode is priced by the patches it runs (without augment: its "
+        "orientations multiply the forwards priced). Default: 77 Mvox/s, an "
         "L4-class GPU with a 1.6 M-parameter RSUNet (issue 11); the same RSUNet in bf16 on "
         "an H100 ran 149 Mvox/s.")
     blend: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
@@ -519,6 +528,12 @@ class ThroughputConfig(_Section):
         16e6, description="Source-mip voxels per second one downsample worker reads, "
         "averages and writes. Default: 3-channel uint8, 3 mips, file:// layers, one worker "
         "on a 2-core VM (bench/cost.py, 2026-12-01).")
+    segmentation: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        14e6, description="Bbox voxels per second one segmentation worker takes through "
+        "all four passes (label and relabel read the output and run cc3d, relabel writes; "
+        "pairs and merge touch only face planes). Default: 1-channel float32 output, "
+        "6-connectivity, task boxes of 128x128x64, file:// layers, one worker on a 2-core "
+        "VM (bench/segmentation.py, busy seconds).")
 
 
 class PricesConfig(_Section):
@@ -580,6 +595,46 @@ class MaskConfig(_Section):
         return _as_layer_url(value, info, READ_SCHEMES)
 
 
+class SegmentationConfig(_Section):
+    """Connected components of the thresholded output, one id per object of the whole
+    volume (voxflow/segmentation.py: label, pairs, merge, relabel passes)."""
+
+    output: str = Field(description="Segmentation layer (file://, gs://, s3:// or a local "
+                        "path), created if missing: one channel of `dtype`, the output's "
+                        "bounds, resolution and storage_chunk, with the pyramid of "
+                        "`downsample` made by mode (tinybrain).")
+    channel: Annotated[int, Field(ge=0)] = Field(0, description="Output channel to "
+                                                 "threshold.")
+    threshold: Annotated[float, Field(allow_inf_nan=False)] = Field(
+        0.5, description="Foreground: values above it (uint8 outputs: value / 255).")
+    invert: bool = Field(False, description="Foreground below the threshold instead (a "
+                         "boundary map's objects are its low values).")
+    connectivity: Literal[6, 18, 26] = Field(6, description="Voxel neighbours that join an "
+                                             "object: faces (6), and edges (18), and "
+                                             "corners (26).")
+    min_size: Annotated[int, Field(ge=0)] = Field(0, description="Objects of fewer voxels "
+                                                  "(whole objects, after joining across "
+                                                  "tasks) become background.")
+    dtype: Literal["uint32", "uint64"] = Field("uint32", description="Id type of the layer; "
+                                               "a run with more objects than it holds fails "
+                                               "at the merge pass, naming this field.")
+    chunk: Optional[Size3] = Field(None, description="Box per label and relabel task, x y z; "
+                                   "a multiple of storage_chunk, under 2^32 voxels. Default: "
+                                   "inference.chunk.")
+
+    @field_validator("output")
+    @classmethod
+    def _layer(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _as_layer_url(value, info)
+
+
+Transform = Literal[TRANSFORMS]
+# a `postprocess:` entry: one of the registered ops (voxflow/postprocess.py), chosen by `op`
+PostprocessOp = Annotated[Union[tuple(OPS.values())], Field(discriminator="op")]
+
+
 class RunConfig(_Section):
     """One voxflow run: an input layer, a model, an output layer and its pyramid."""
 
@@ -591,6 +646,13 @@ class RunConfig(_Section):
                                  "Default: the input's bounds.")
     model: ModelConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    augment: list[Transform] = Field(
+        [], description="Test-time augmentation: the model runs on every orientation of "
+        "each patch that these transforms generate (all their combinations, the identity "
+        "included: 2^k, except that transpose_xy with one of flip_x, flip_y makes all 8 of "
+        "the xy square), each prediction turned back, and their mean is what is blended. "
+        "Costs that many forward passes; transpose_xy needs model.input_patch and "
+        "output_patch square in x and y. Default: none.")
     input_missing: Literal["error", "zeros"] = Field(
         "error", description="A missing chunk of the input layer inside what a task reads: "
         "error (the task fails naming the chunk file) or zeros (read as 0, for layers that "
@@ -601,6 +663,11 @@ class RunConfig(_Section):
     skip_empty: bool = Field(False, description="An inference task whose input box is all "
                              "one value (resin, padding, an unimaged slab) skips the model, "
                              "writes zeros for its output and is counted as skipped.")
+    postprocess: list[PostprocessOp] = Field(
+        [], description="Operations on each task's final values, in order: after blending "
+        "(and the mask), before output_dtype; the output layer has the channels the last "
+        "one makes. Ops: channels {select: [i, ...], reduce: mean, max or min} "
+        "(voxflow/postprocess.py). Default: none.")
     output_dtype: Literal["float32", "float16", "uint8"] = Field(
         "float32", description="uint8 stores round(255 * p), p clipped to [0, 1].")
     storage_chunk: Size3 = Field([64, 64, 8], description="Storage chunk of the output "
@@ -617,6 +684,10 @@ class RunConfig(_Section):
         "power-of-two number of storage chunks, the same at every mip). 64 MiB keeps a "
         "teravoxel of 3-channel uint8 near 6*10^4 objects and a downsample task (a shard "
         "times the factor) within memory_target.")
+    segmentation: Optional[SegmentationConfig] = Field(
+        None, description="A segmentation stage after inference and blending: threshold, "
+        "connected components consistent across tasks, its own layer and pyramid. Default: "
+        "none.")
     downsample: DownsampleConfig = Field(default_factory=DownsampleConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -651,12 +722,63 @@ class RunConfig(_Section):
                                   f"twice the margin {self.margin} along {axis}")
         if self.input == self.output:
             raise ConfigError("output", "must differ from input")
+        self._augment_fits()
+        _ = self.output_channels                  # refuses postprocess ops that do not fit
+        if self.segmentation:
+            self._segmentation_fits()
         self._reachable_from_vms()
         return self
 
+    @field_validator("augment")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once")
+        return value
+
+    def _augment_fits(self) -> None:
+        """A transposed patch must have the model's patch shape: square in x and y."""
+        if "transpose_xy" not in self.augment:
+            return
+        for name in ("input_patch", "output_patch"):
+            patch = getattr(self.model, name)
+            if patch[0] != patch[1]:
+                raise ConfigError("augment", f"transpose_xy needs model.{name} square in x "
+                                  f"and y, it is {patch}")
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the output layer: the model's, through the `postprocess` ops (a
+        `ConfigError` naming the op's parameter if one does not fit)."""
+        channels = self.model.output_channels
+        for i, op in enumerate(self.postprocess):
+            try:
+                channels = op.out_channels(channels)
+            except OpError as exc:
+                source = "model.output_channels" if i == 0 else f"postprocess[{i - 1}]'s output"
+                raise ConfigError(f"postprocess[{i}].{exc.param}",
+                                  f"{exc.message} ({source})") from None
+        return channels
+
+    def _segmentation_fits(self) -> None:
+        seg = self.segmentation
+        if seg.output in (self.input, self.output):
+            raise ConfigError("segmentation.output", f"{seg.output} must differ from input "
+                              "and output")
+        if seg.chunk is None:
+            seg.chunk = list(self.inference.chunk)
+        for axis, c, s in zip("xyz", seg.chunk, self.storage_chunk):
+            if c % s:
+                raise ConfigError("segmentation.chunk", f"{seg.chunk} must be a multiple of "
+                                  f"storage_chunk {self.storage_chunk} along {axis}")
+        if seg.chunk[0] * seg.chunk[1] * seg.chunk[2] >= 1 << 32:
+            raise ConfigError("segmentation.chunk", f"{seg.chunk} holds 2^32 voxels or more "
+                              "(a task's labels are uint32)")
+
     def _reachable_from_vms(self) -> None:
         """Workers on Compute Engine VMs see only what is in the cloud: refuse local paths."""
-        cloud = [k for k in ("inference", "blend", "downsample")
+        cloud = [k for k in ("inference", "blend", "downsample", "segmentation")
                  if _gce_member(getattr(self.workers, k).group)]
         if not cloud:
             return
@@ -669,6 +791,9 @@ class RunConfig(_Section):
                 raise ConfigError(name, f"{why} {getattr(self, name)}: use a gs:// layer")
         if self.mask and not self.mask.layer.startswith("gs://"):
             raise ConfigError("mask.layer", f"{why} {self.mask.layer}: use a gs:// layer")
+        if self.segmentation and not self.segmentation.output.startswith("gs://"):
+            raise ConfigError("segmentation.output", f"{why} {self.segmentation.output}: use "
+                              "a gs:// layer")
         if self.inference.temporary and not self.inference.temporary.startswith("gs://"):
             raise ConfigError("inference.temporary", f"{why} {self.inference.temporary}: "
                               "use gs://")
@@ -681,6 +806,25 @@ class RunConfig(_Section):
         return [o + m for o, m in zip(self.inference.patch_overlap, self.model.patch_margin)]
 
 
+TAGGED = {"postprocess"}     # lists of a tagged union: pydantic puts the tag after the index
+
+
+def _field_name(loc: tuple) -> str:
+    """A pydantic error location as the field a user typed: an index into a list of sections
+    shows (`postprocess[0].select`), one into a vector does not (`bbox.start`), nor does a
+    tagged union's tag or a union alternative's name (`list[str]`)."""
+    name = ""
+    for k, part in enumerate(loc):
+        if isinstance(part, int):
+            section = k + 1 < len(loc) and isinstance(loc[k + 1], str)
+            if name and (loc[k - 1] in TAGGED or section):
+                name += f"[{part}]"
+        elif part.isidentifier() and not (k > 1 and loc[k - 2] in TAGGED
+                                          and isinstance(loc[k - 1], int)):
+            name += f".{part}" if name else part
+    return name or "config"
+
+
 def _error_from_pydantic(exc: ValidationError) -> ConfigError:
     """One line naming the first bad field. A union's alternatives (pydantic tags them
     `constrained-int`, `literal['auto']`, ...) are one field: its messages joined by "or"."""
@@ -689,9 +833,13 @@ def _error_from_pydantic(exc: ValidationError) -> ConfigError:
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, ConfigError):
             return ctx_err
-        loc = ".".join(str(p) for p in err["loc"]
-                       if isinstance(p, str) and p.isidentifier()) or "config"
+        loc = _field_name(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"].startswith("union_tag_"):       # a tagged union's tag: its key
+            ctx = err.get("ctx") or {}
+            loc += "." + ctx.get("discriminator", "'op'").strip("'")
+            msg = (f"unknown {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+                   if err["type"] == "union_tag_invalid" else "is required")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":

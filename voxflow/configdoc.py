@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -28,26 +28,49 @@ def _type(annotation: Any) -> str:
         text = text.split("[", 1)[1][:-1]
         if text.endswith(", NoneType"):
             text = text[:-len(", NoneType")]
+    if text.startswith("list[") and "Literal[" in text:
+        return "list of " + _type(text[len("list["):-1])
     if "Literal[" in text:
         return " \\| ".join(a.strip(" '") for a in text.split("Literal[", 1)[1].split("]")[0]
                             .split(","))
     if "list[str]" in text:
         return "list of str"
-    if "list[" in text:
-        return "[x, y, z]"
+    if "list[" in text:           # a vector (Size3, NonNeg3: 3 long), or a list of ints
+        return "[x, y, z]" if "max_length=3" in text else "list of int"
     for name in ("int", "float", "str", "bool"):
         if text.lstrip("[").startswith(name):
             return name
     return text
 
 
+def _tagged_models(annotation: Any) -> list[type[BaseModel]]:
+    """The sections a list of a tagged union may hold (`postprocess`: its ops), else []."""
+    if get_origin(annotation) is not list:
+        return []
+    item = get_args(annotation)[0]
+    item = get_args(item)[0] if get_origin(item) is Annotated else item
+    options = get_args(item) if get_origin(item) is Union else (item,)
+    return [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+
+
 def _rows(model: type[BaseModel], prefix: str = "",
           defaults: BaseModel | None = None) -> list[str]:
-    """One row per field; `defaults` is the section's default instance, when it has one."""
+    """One row per field; `defaults` is the section's default instance, when it has one. A
+    list of tagged sections gets a row per kind (`postprocess[op=channels]`) and its fields."""
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
+        if name == "op" and prefix.endswith("]."):
+            continue                                    # the tag: in the section's key
+        tagged = _tagged_models(ann)
+        if tagged:
+            rows.append(f"| `{key}` | list | `[]` | {field.description or ''} |")
+            for sub in tagged:
+                tag = get_args(sub.model_fields["op"].annotation)[0]
+                rows.append(f"| `{key}[op={tag}]` | section | | {sub.__doc__ or ''} |")
+                rows += _rows(sub, f"{key}[op={tag}].")
+            continue
         sub = next((a for a in getattr(ann, "__args__", (ann,))
                     if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if sub is not None:
@@ -68,7 +91,9 @@ def _rows(model: type[BaseModel], prefix: str = "",
             default = "derived"
         else:
             default = f"`{json.dumps(value)}`"
-        rows.append(f"| `{key}` | {_type(ann)} | {default} | {field.description or ''} |")
+        vector = any(getattr(m, "max_length", None) == 3 for m in field.metadata)
+        kind = "[x, y, z]" if vector else _type(ann)
+        rows.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return rows
 
 

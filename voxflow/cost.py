@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .augment import orientations
 from .blend import OverlapGrid
 from .temporary import temporary_url
 from .config import RunConfig, voxflow_home
@@ -31,6 +32,7 @@ from .downsample import mip_bounds
 from .geometry import Box, ChunkGrid, ceil_div
 from .messages import encode
 from .pipeline import Plan
+from .segmentation import directions
 from .stages import InferenceStage, stage_grid, stage_kind, stage_names
 
 Ranges = list[list[tuple[int, int]]]   # per axis x, y, z: the ranges of a product set of boxes
@@ -106,36 +108,52 @@ def read_voxels(p: Plan) -> int:
 
 
 # -- objects (one function per concern: sharding changes these, and only these) -----------
-def _written_regions(p: Plan) -> list[tuple[Box, Box]]:
-    """Per output mip: (the region written, the mip's bounds). Mip 0 is the bbox; a
+def _pyramid(p: Plan, layer: str) -> tuple[tuple, Optional[tuple], int]:
+    """(downsample passes, shard shapes per mip or None, bytes per voxel) of the output
+    layer or (`layer="segmentation"`) the segmentation layer."""
+    if layer == "segmentation":
+        seg = p.segmentation
+        return seg.downsample, seg.shard_shapes, np.dtype(p.config.segmentation.dtype).itemsize
+    return p.downsample, p.shard_shapes, p.output_voxel_bytes
+
+
+def _written_regions(p: Plan, layer: str = "output") -> list[tuple[Box, Box]]:
+    """Per mip: (the region written, the mip's bounds). Mip 0 is the bbox; a
     downsample pass writes its tasks' target boxes, which tile one box per mip."""
     factor = p.config.downsample.factor
     out = [(p.bbox, p.input_bounds)]
-    for ps in p.downsample:
+    for ps in _pyramid(p, layer)[0]:
         for k in range(1, ps.mips + 1):
             out.append((ps.target_box(ps.grid.bbox, factor, k),
                         mip_bounds(p.input_bounds, factor, ps.source_mip + k)))
     return out
 
 
-def _cells(p: Plan) -> list:
-    """Per output mip, the unit written as one object: the storage chunk, or the shard."""
-    return list(p.shard_shapes or [p.config.storage_chunk] * (p.config.downsample.mips + 1))
+def _cells(p: Plan, layer: str = "output") -> list:
+    """Per mip, the unit written as one object: the storage chunk, or the shard."""
+    return list(_pyramid(p, layer)[1]
+                or [p.config.storage_chunk] * (p.config.downsample.mips + 1))
 
 
-def output_objects(p: Plan) -> list[int]:
-    """Objects written per output mip. Unsharded: one per storage chunk the written region
-    meets (a chunk clipped at the layer's end is one object; every chunk is written by one
-    task, once). Sharded: one per shard (`voxflow.sharding`: a shard is written whole)."""
+def output_objects(p: Plan, layer: str = "output") -> list[int]:
+    """Objects written per mip of the output (or segmentation) layer. Unsharded: one per
+    storage chunk the written region meets (a chunk clipped at the layer's end is one
+    object; every chunk is written by one task, once). Sharded: one per shard
+    (`voxflow.sharding`: a shard is written whole)."""
+    if layer == "segmentation" and p.segmentation is None:
+        return []
     return [chunks_in(region, bounds.start, shape)
-            for (region, bounds), shape in zip(_written_regions(p), _cells(p))]
+            for (region, bounds), shape in zip(_written_regions(p, layer), _cells(p, layer))]
 
 
-def output_bytes(p: Plan) -> list[int]:
+def output_bytes(p: Plan, layer: str = "output") -> list[int]:
     """Uncompressed bytes stored per output mip (whole chunks, clipped at the bounds; gzip
     on gs:// makes the objects smaller by a factor that depends on the data)."""
-    return [_rounded(region, bounds, shape).size * p.output_voxel_bytes
-            for (region, bounds), shape in zip(_written_regions(p), _cells(p))]
+    if layer == "segmentation" and p.segmentation is None:
+        return []
+    voxel_bytes = _pyramid(p, layer)[2]
+    return [_rounded(region, bounds, shape).size * voxel_bytes
+            for (region, bounds), shape in zip(_written_regions(p, layer), _cells(p, layer))]
 
 
 def temporary_objects(p: Plan) -> int:
@@ -187,29 +205,35 @@ def input_reads(p: Plan, input_chunk) -> int:
         max(a, lo[x]), min(b, hi[x]), o[x], input_chunk[x]))
 
 
-def _read_unit(p: Plan, ps) -> list[int]:
+def _read_unit(p: Plan, ps, shards: Optional[tuple]) -> list[int]:
     """What one read of a downsample task's source fetches: a shard when the tasks cover
     whole source shards (`Volume` then GETs each shard once), else a storage chunk."""
-    if p.shard_shapes is not None and not any(
-            t % s for t, s in zip(ps.grid.chunk, p.shard_shapes[ps.source_mip])):
-        return list(p.shard_shapes[ps.source_mip])
+    if shards is not None and not any(
+            t % s for t, s in zip(ps.grid.chunk, shards[ps.source_mip])):
+        return list(shards[ps.source_mip])
     return list(p.config.storage_chunk)
 
 
-def output_reads(p: Plan) -> int:
-    """Output objects read: the downsample tasks' sources (whole shards, or chunks), and the
-    chunks a mip-0 write
+def output_reads(p: Plan, layer: str = "output") -> int:
+    """Objects read of the output (or segmentation) layer: the downsample tasks' sources
+    (whole shards, or chunks), and the chunks a mip-0 write
     covers only in part (cloud-volume reads them, paints and rewrites them: only where the
     bbox is not on the storage-chunk grid). A write is aligned when it starts and stops on
     the grid (stopping at the layer's end counts); otherwise the chunks it meets but does not
     cover by cloud-volume's rule (the layer's end is no grid line there) are read."""
+    if layer == "segmentation" and p.segmentation is None:
+        return 0
+    passes, shards, _ = _pyramid(p, layer)
     size, bounds = p.config.storage_chunk, p.input_bounds
     reads = sum(chunks_in(ps.grid.bbox, mip_bounds(bounds, p.config.downsample.factor,
-                                                   ps.source_mip).start, _read_unit(p, ps))
-                for ps in p.downsample)
-    if p.shard_shapes is not None:       # shards the bbox cuts are read, merged, rewritten
-        size = p.shard_shapes[0]
+                                                   ps.source_mip).start,
+                          _read_unit(p, ps, shards))
+                for ps in passes)
+    if shards is not None:               # shards the bbox cuts are read, merged, rewritten
+        size = shards[0]
         writes = [[(a, b)] for a, b in zip(p.bbox.start, p.bbox.stop)]
+    elif layer == "segmentation":                       # a relabel task's box is one write
+        writes = _axis_ranges(p.segmentation.grid, p.segmentation.grid.box)
     elif isinstance(p.grid, OverlapGrid):               # every cell is one write
         writes = [[(iv.start, iv.stop) for iv in ax.intervals] for ax in p.grid.axes]
     else:
@@ -228,6 +252,41 @@ def output_reads(p: Plan) -> int:
     return reads + (_product_sum(writes, met) - _product_sum(writes, core)
                     - _product_sum(writes, lambda x, a, b: aligned(x, a, b) * met(x, a, b))
                     + _product_sum(writes, lambda x, a, b: aligned(x, a, b) * core(x, a, b)))
+
+
+def segmentation_objects(p: Plan) -> dict[str, int]:
+    """The segmentation passes' objects besides its layer's: temporary ones written (per
+    task a faces and a pairs object; the merge's offsets, table and summary) and read (a
+    pairs task reads its own faces and each forward neighbour's; the merge every pairs
+    object; a relabel task two ranges of the table), and the output's objects the label
+    and relabel passes read (their boxes lie on the storage grid: each chunk once per pass;
+    a sharded output's shards, when the boxes are whole shards; a task whose box has no
+    labels reads one range fewer: not counted)."""
+    seg = p.segmentation
+    if seg is None:
+        return {"temporary_written": 0, "temporary_read": 0, "output_read": 0}
+    grid, o, size = seg.grid, p.input_bounds.start, p.config.storage_chunk
+    if p.shard_shapes is not None and not any(c % s for c, s in zip(grid.chunk,
+                                                                     p.shard_shapes[0])):
+        size = p.shard_shapes[0]
+    tasks = len(grid)
+    faces = tasks + sum(math.prod(max(0, n - abs(k)) for n, k in zip(grid.counts, d))
+                        for d in directions(p.config.segmentation.connectivity))
+    chunks = _product_sum(_axis_ranges(grid, grid.box),
+                          lambda x, a, b: _axis_chunks(a, b, o[x], size[x]))
+    return {"temporary_written": 2 * tasks + 3, "temporary_read": faces + tasks + 2 * tasks,
+            "output_read": 2 * chunks}
+
+
+def segmentation_temporary_bytes(p: Plan) -> int:
+    """The face planes the label pass stores, uncompressed (their labels' counts, the pairs
+    and the table depend on the data: not counted)."""
+    if p.segmentation is None:
+        return 0
+    per_axis = [(len(r), sum(b - a for a, b in r))          # (tasks, voxels) along each axis
+                for r in _axis_ranges(p.segmentation.grid, p.segmentation.grid.box)]
+    planes = sum(math.prod(per_axis[x][x != normal] for x in range(3)) for normal in range(3))
+    return 2 * planes * 4                                  # two faces per axis, uint32
 
 
 # -- compute ---------------------------------------------------------------------------------
@@ -265,18 +324,27 @@ def inference_patches(p: Plan) -> int:
     return round(p.tissue.masked_sum(per_axis))
 
 
+def inference_forwards(p: Plan) -> int:
+    """Patches through the model: each patch once per `augment` orientation."""
+    return inference_patches(p) * len(orientations(p.config.augment))
+
+
 def worker_seconds(p: Plan) -> dict[str, float]:
     """Worker-seconds per kind of group at `cost.throughput` (a task's read, compute and
-    write; start-up and idle workers not counted)."""
+    write; start-up and idle workers not counted). The inference figure is per plain patch
+    (`measure_inference` runs no augment), so `augment` multiplies it by its orientations."""
     cfg = p.config
     thr = cfg.cost.throughput
     per_patch = math.prod(cfg.inference.chunk) / chunk_patches(cfg) / thr.inference
-    out = {"inference": inference_patches(p) * per_patch}
+    out = {"inference": inference_forwards(p) * per_patch}
     if isinstance(p.grid, OverlapGrid) and "blend" in stage_names(p):
         blended = p.bbox.size if p.shard_shapes is not None else p.grid.band_voxels()
         out["blend"] = blended / thr.blend
-    if p.downsample:
-        out["downsample"] = sum(ps.grid.bbox.size for ps in p.downsample) / thr.downsample
+    if p.segmentation is not None:         # all four passes, priced by the bbox's voxels
+        out["segmentation"] = p.bbox.size / thr.segmentation
+    pyramids = p.downsample + (p.segmentation.downsample if p.segmentation else ())
+    if pyramids:                           # (the segmentation's by mode: as if averaging)
+        out["downsample"] = sum(ps.grid.bbox.size for ps in pyramids) / thr.downsample
     return out
 
 
@@ -317,17 +385,23 @@ def bill(p: Plan, input_chunk=None) -> dict:
     n_tasks = sum(tasks.values())
     seconds = worker_seconds(p)
     hours = {k: s / 3600 for k, s in seconds.items()}
-    temp_objects, temp_bytes = temporary_objects(p), temporary_bytes(p)
-    written = {"output": output_objects(p), "temporary": temp_objects,
-               "queue": LEDGER_WRITES * n_tasks}
-    read = {"input": input_reads(p, input_chunk), "output": output_reads(p),
-            "temporary": temporary_reads(p), "queue": LEDGER_READS * n_tasks}
-    stored = output_bytes(p)
+    seg = segmentation_objects(p)
+    temp_objects = temporary_objects(p) + seg["temporary_written"]
+    temp_bytes = temporary_bytes(p) + segmentation_temporary_bytes(p)
+    written = {"output": output_objects(p), "segmentation": output_objects(p, "segmentation"),
+               "temporary": temp_objects, "queue": LEDGER_WRITES * n_tasks}
+    read = {"input": input_reads(p, input_chunk), "output": output_reads(p) + seg["output_read"],
+            "segmentation": output_reads(p, "segmentation"),
+            "temporary": temporary_reads(p) + seg["temporary_read"],
+            "queue": LEDGER_READS * n_tasks}
+    stored, stored_seg = output_bytes(p), output_bytes(p, "segmentation")
     # partial sums wait from the first inference task to the last blend task, at most: the
     # two stages' worker-hours over their groups' most workers
     held = sum(hours.get(k, 0.0) / max(1, getattr(cfg.workers, k).max)
-               for k in ("inference", "blend")) if temp_bytes else 0.0
-    writes, reads = sum(written["output"]) + temp_objects + written["queue"], sum(read.values())
+               for k in ("inference", "blend", "segmentation")) if temp_bytes else 0.0
+    writes = sum(written["output"]) + sum(written["segmentation"]) + temp_objects \
+        + written["queue"]
+    reads = sum(read.values())
     dollars = {f"{k}_workers": h * hourly_price(cfg, k) for k, h in hours.items()}
     dollars.update({
         "object_writes": writes / 1000 * prices.class_a_per_1000,
@@ -343,12 +417,14 @@ def bill(p: Plan, input_chunk=None) -> dict:
         "worker_hours": hours,
         "throughput": cfg.cost.throughput.model_dump(),
         "patches": inference_patches(p),
+        "forwards": inference_forwards(p),               # patches x augment's orientations
         "objects_written": written, "objects_read": read,
-        "bytes_stored": {"output": stored, "temporary": temp_bytes},
+        "bytes_stored": {"output": stored, "segmentation": stored_seg, "temporary": temp_bytes},
         "temporary_hours": held,
         "messages": {"count": n_tasks, "billed_bytes": pubsub_bytes},
         "dollars": {**dollars, "total": total, "per_output_teravoxel": total / teravoxels,
-                    "output_storage_per_month": sum(stored) / GIB * prices.storage_gb_month},
+                    "output_storage_per_month": (sum(stored) + sum(stored_seg)) / GIB
+                    * prices.storage_gb_month},
     }
 
 
@@ -446,7 +522,7 @@ def spent(config: RunConfig, run: str, log_dir: Optional[Path] = None) -> dict:
     sessions = worker_sessions(log_dir or voxflow_home() / "logs" / run)
     workers = {}
     reported: Optional[list[dict]] = None
-    for kind in ("inference", "blend", "downsample"):
+    for kind in ("inference", "blend", "segmentation", "downsample"):
         urls = getattr(config.workers, kind).urls
         group = " + ".join(urls)
         if not all(u.startswith("local://") for u in urls):   # (a hybrid's local workers
@@ -467,6 +543,12 @@ def spent(config: RunConfig, run: str, log_dir: Optional[Path] = None) -> dict:
         objects = {"output": [_count_files(f"{root}/{s['key']}") or 0
                               for s in info["scales"][:config.downsample.mips + 1]],
                    "temporary": _count_files(temporary_url(config, run))}
+        seg = config.segmentation
+        if seg is not None and seg.output.startswith("file://") and Volume.exists(seg.output):
+            root = seg.output.rstrip("/")
+            objects["segmentation"] = [_count_files(f"{root}/{s['key']}") or 0 for s in
+                                       Volume(seg.output).info["scales"]
+                                       [:config.downsample.mips + 1]]
     return {"workers": workers, "objects_written": objects, "measured_at": time.time()}
 
 
@@ -476,7 +558,8 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
     inference`'s unit: SlidingWindow (forward, weighting, accumulation) over the chunk of
     the real input nearest the bbox centre, one row of patches at a time until `seconds`
     have passed (after one warm-up batch), converted from patches per second with a whole
-    chunk's patch count."""
+    chunk's patch count. Without `augment`: the figure is per forward of one patch, and the
+    bill multiplies the patches by the orientations."""
     import torch
 
     from .inference import SlidingWindow, lattice_starts

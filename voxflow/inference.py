@@ -5,6 +5,12 @@ last patch along each axis is snapped to the end. Every patch's output is multip
 weight (bump or Gaussian) and summed; the sum is divided by the summed weights. Both stay on the
 model's device. Weights are separable and the lattice is a product of per-axis lattices, so the
 weight sum is an outer product of three 1D sums: no per-patch work for it.
+
+Test-time augmentation (`augment`) happens here, the one place the model meets patches: each
+patch is run in every orientation of the group (`voxflow.augment`), each prediction turned
+back, and the weighted mean is what is summed. So the blend (crop and overlap mode alike) sees
+one averaged prediction per patch and stays exact; the copies of a patch go through the model
+together, `batch_size` of them per forward.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .augment import orientations
 from .geometry import ceil_div, vec3
 from .models import Model
 
@@ -68,12 +75,15 @@ class SlidingWindow:
 
     Sizes are x, y, z (as in the config); arrays are (c, z, y, x). The output covers the input
     minus the model's patch margin, (input_patch - output_patch) / 2, on each side.
+    `augment`: transform names (`voxflow.augment.TRANSFORMS`); the mean over the orientations
+    they generate replaces each patch's prediction, and `batch_size` counts each orientation
+    of a patch as one patch of a forward pass.
     """
 
     def __init__(self, model: Model, input_patch: Sequence[int],
                  output_patch: Sequence[int] | None = None,
                  overlap: Sequence[int] = (0, 0, 0), batch_size: int = 4,
-                 weighting: Weighting = "bump"):
+                 weighting: Weighting = "bump", augment: Sequence[str] = ()):
         self.model = model
         self.input_patch = tuple(reversed(vec3(input_patch)))          # z, y, x
         self.output_patch = tuple(reversed(vec3(output_patch or input_patch)))
@@ -84,9 +94,15 @@ class SlidingWindow:
             raise ValueError("overlap must be smaller than the output patch")
         self.batch_size = batch_size
         self.weighting = weighting
+        self.orientations = orientations(augment)
+        if any(o.transpose for o in self.orientations) and any(
+                p[1] != p[2] for p in (self.input_patch, self.output_patch)):
+            raise ValueError("transpose_xy needs patches square in x and y")
         self._profiles = [PROFILES[weighting](n) for n in self.output_patch]
-        self._weight = torch.from_numpy(
-            patch_weights(self.output_patch, weighting).astype(np.float32)).to(model.device)
+        # the mean's 1/n folded into the weight: n is a power of two, so this is exact
+        self._weight = torch.from_numpy((patch_weights(self.output_patch, weighting)
+                                         / len(self.orientations)).astype(np.float32)
+                                        ).to(model.device)
 
     def output_shape(self, input_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
         return tuple(n - 2 * m for n, m in zip(input_shape_zyx, self.margin))
@@ -138,21 +154,27 @@ class SlidingWindow:
         x = self._prepare(image)
         out_shape = self.output_shape(x.shape[1:])
         grid = [(z, y, xx) for z in starts[0] for y in starts[1] for xx in starts[2]]
+        # (patch, orientation): a patch's orientations in a row, so they share a forward
+        items = [(start, o) for start in grid for o in self.orientations]
+        augmented = len(self.orientations) > 1
         acc = None
         pz, py, px = self.input_patch
         oz, oy, ox = self.output_patch
         mz, my, mx = self.margin
         size = (self.batch_size if isinstance(self.batch_size, int)
                 else self.model.resolve_batch(x.shape[0]))
-        for group in balanced_batches(grid, size):
-            batch = torch.stack([x[:, z:z + pz, y:y + py, xx:xx + px] for z, y, xx in group])
+        for group in balanced_batches(items, size):
+            batch = torch.stack([o(x[:, z:z + pz, y:y + py, xx:xx + px])
+                                 for (z, y, xx), o in group])
             pred = self.model(batch)
             if tuple(pred.shape[2:]) == self.input_patch and self.input_patch != self.output_patch:
                 pred = pred[:, :, mz:mz + oz, my:my + oy, mx:mx + ox]
             if acc is None:
                 acc = torch.zeros((pred.shape[1], *out_shape), dtype=torch.float32,
                                   device=self.model.device)
+            if augmented:                               # each prediction turned back
+                pred = torch.stack([o.undo(p) for p, (_, o) in zip(pred, group)])
             pred = pred * self._weight
-            for k, (z, y, xx) in enumerate(group):
+            for k, ((z, y, xx), _) in enumerate(group):
                 acc[:, z:z + oz, y:y + oy, xx:xx + ox] += pred[k]
         return acc

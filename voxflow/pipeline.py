@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,6 +21,23 @@ from .mask import MaskCoverageError, TissueMap
 from .sharding import shard_shape, sharding_spec, spec_bytes
 from .models import Model
 from .volume import LayerNotFound, Volume
+
+
+@dataclass(frozen=True)
+class SegmentationPlan:
+    """The segmentation stage (`segmentation:`): the boxes of its label, pairs and relabel
+    tasks, and the passes of its layer's pyramid."""
+
+    grid: ChunkGrid
+    downsample: tuple[DownsamplePass, ...]
+    shard_shapes: Optional[tuple[Vec3, ...]] = None   # per mip; None: unsharded
+    shard_bytes: Optional[int] = None
+
+    @property
+    def merge_grid(self) -> ChunkGrid:
+        """The merge pass: one task over the whole bbox."""
+        bbox = self.grid.bbox
+        return ChunkGrid(bbox, bbox.shape, origin=bbox.start)
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,7 @@ class Plan:
     shard_shapes: Optional[tuple[Vec3, ...]] = None   # per output mip; None: unsharded
     shard_bytes: Optional[int] = None                 # a full shard's, uncompressed
     tissue: Optional[TissueMap] = None                # `mask:`; None: every task runs
+    segmentation: Optional[SegmentationPlan] = None   # `segmentation:`
 
     def runs(self, index: int) -> bool:
         """Whether inference task `index` meets tissue (is published and run)."""
@@ -50,7 +68,8 @@ class Plan:
 
     @property
     def output_voxel_bytes(self) -> int:
-        return self.config.model.output_channels * np.dtype(self.config.output_dtype).itemsize
+        """Bytes of an output voxel: the channels after `postprocess`, in the output dtype."""
+        return self.config.output_channels * np.dtype(self.config.output_dtype).itemsize
 
 
 def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = True) -> Plan:
@@ -75,8 +94,9 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
     if model is not None or check_model:
         eager = config.model.model_copy(update={"compile": False})   # a check: no compile
         (model or Model(eager, "cpu")).check(source.num_channels)
-    voxel_bytes = config.model.output_channels * np.dtype(config.output_dtype).itemsize
-    shards, shard_bytes = _shard_shapes(config, bounds, voxel_bytes)
+    voxel_bytes = config.output_channels * np.dtype(config.output_dtype).itemsize
+    crop = config.inference.chunk if config.inference.blend == "crop" else None
+    shards, shard_bytes = _shard_shapes(config, config.output, bounds, voxel_bytes, crop)
     _check_existing_output(config, bounds, source.resolution, shards)
     inf = config.inference
     if inf.blend == "overlap":
@@ -89,8 +109,45 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
     passes = plan_downsample(bounds, bbox, config.storage_chunk, ds.factor, ds.mips,
                              voxel_bytes, ds.memory_target, shards)
     tissue = _tissue(config, bbox, source.resolution, grid) if config.mask else None
+    seg = _segmentation(config, bounds, bbox, source.resolution) if config.segmentation \
+        else None
     return Plan(config, bbox, bounds, source.num_channels, str(source.dtype), source.resolution,
-                grid, tuple(passes), shards, shard_bytes, tissue)
+                grid, tuple(passes), shards, shard_bytes, tissue, seg)
+
+
+def _segmentation(config: RunConfig, bounds: Box, bbox: Box, resolution) -> SegmentationPlan:
+    """The segmentation stage's tasks: boxes of `segmentation.chunk` on the storage grid
+    (sharded: on the shard grid, so each shard has one writer), and its layer's pyramid."""
+    seg, ds = config.segmentation, config.downsample
+    channels = config.output_channels                  # the output layer's, after postprocess
+    if seg.channel >= channels:
+        raise ConfigError("segmentation.channel", f"{seg.channel} is not a channel of the "
+                          f"output (it has channels 0..{channels - 1})")
+    itemsize = np.dtype(seg.dtype).itemsize
+    shards, shard_bytes = _shard_shapes(config, seg.output, bounds, itemsize, seg.chunk)
+    try:
+        layer = open_layer(seg.output, "segmentation.output")
+    except LayerNotFound:
+        layer = None
+    if layer is not None:
+        _same_layer("segmentation.output", layer, {
+            "layer_type": "segmentation", "num_channels": 1, "dtype": seg.dtype,
+            "bounds": bounds, "resolution": tuple(resolution), "chunk": config.storage_chunk,
+            "shard_shape": shards[0] if shards else None})
+    passes = plan_downsample(bounds, bbox, config.storage_chunk, ds.factor, ds.mips, itemsize,
+                             ds.memory_target, shards)
+    return SegmentationPlan(ChunkGrid(bbox, seg.chunk, origin=bounds.start), tuple(passes),
+                            shards, shard_bytes)
+
+
+def _same_layer(field: str, layer: Volume, wanted: dict) -> None:
+    """Refuse an existing layer that differs from what the run would create, naming `field`."""
+    for key, value in wanted.items():
+        have = getattr(layer, key)
+        have = str(have) if key == "dtype" else list(have) if key == "chunk" else have
+        if have != value:
+            raise ConfigError(field, f"existing layer {layer.url} has {key} {have}, this run "
+                              f"needs {value}")
 
 
 def _tissue(config: RunConfig, bbox: Box, resolution, grid) -> TissueMap:
@@ -109,12 +166,12 @@ def _tissue(config: RunConfig, bbox: Box, resolution, grid) -> TissueMap:
 def open_layer(url: str, field: str) -> Volume:
     """`Volume(url)`, or a `ConfigError` naming `field` and saying why it cannot be read: no
     layer, an `info` that is not JSON or not a precomputed info, no credentials. LayerNotFound
-    passes through for an output that is simply not there yet."""
+    passes through for an output (or segmentation) layer that is simply not there yet."""
     _check_google_credentials(url, field)
     try:
         return Volume(url)
     except LayerNotFound:
-        if field == "output":
+        if field in ("output", "segmentation.output"):
             raise
         raise ConfigError(field, f"no precomputed layer at {url}") from None
     except json.JSONDecodeError as exc:
@@ -157,16 +214,17 @@ def _check_google_credentials(url: str, field: str) -> None:
         raise _no_credentials(url, field, exc) from None
 
 
-def _shard_shapes(config: RunConfig, bounds: Box,
-                  voxel_bytes: int) -> tuple[Optional[tuple[Vec3, ...]], Optional[int]]:
-    """The output's shard shape at every mip and a full shard's bytes, or (None, None) when
-    it is not sharded. In crop mode the shard shape divides the task chunk (a task writes
-    whole shards); every mip holds as many chunks per shard as mip 0."""
-    if not uses_sharding(config):
+def _shard_shapes(config: RunConfig, url: str, bounds: Box, voxel_bytes: int,
+                  divides: Optional[Sequence[int]] = None
+                  ) -> tuple[Optional[tuple[Vec3, ...]], Optional[int]]:
+    """The shard shape at every mip of the layer at `url` (the output, or the segmentation)
+    and a full shard's bytes, or (None, None) when it is not sharded. The shard shape
+    divides `divides` (crop mode's and the segmentation's task chunk: a task writes whole
+    shards); every mip holds as many chunks per shard as mip 0."""
+    if not uses_sharding(config, url):
         return None, None
     factor, chunk = config.downsample.factor, config.storage_chunk
-    spec0 = sharding_spec(bounds.shape, chunk, voxel_bytes, config.shard_bytes,
-                          config.inference.chunk if config.inference.blend == "crop" else None)
+    spec0 = sharding_spec(bounds.shape, chunk, voxel_bytes, config.shard_bytes, divides)
     shard_bytes = spec_bytes(spec0, chunk, voxel_bytes)
     shapes = []
     for m in range(config.downsample.mips + 1):
@@ -176,10 +234,11 @@ def _shard_shapes(config: RunConfig, bounds: Box,
     return tuple(shapes), shard_bytes
 
 
-def uses_sharding(config: RunConfig) -> bool:
-    """`sharding: auto` shards gs:// outputs, where object operations are billed."""
+def uses_sharding(config: RunConfig, url: Optional[str] = None) -> bool:
+    """`sharding: auto` shards gs:// layers (the output, or `url`), where object operations
+    are billed."""
     return config.sharding == "on" or (config.sharding == "auto"
-                                       and config.output.startswith("gs://"))
+                                       and (url or config.output).startswith("gs://"))
 
 
 def _check_existing_output(config: RunConfig, bounds: Box, resolution,
@@ -188,7 +247,7 @@ def _check_existing_output(config: RunConfig, bounds: Box, resolution,
         out = open_layer(config.output, "output")
     except LayerNotFound:
         return
-    wanted = {"num_channels": config.model.output_channels, "dtype": config.output_dtype,
+    wanted = {"num_channels": config.output_channels, "dtype": config.output_dtype,
               "bounds": bounds, "resolution": tuple(resolution)}
     have = {"num_channels": out.num_channels, "dtype": str(out.dtype), "bounds": out.bounds,
             "resolution": out.resolution}
@@ -214,16 +273,27 @@ def _check_existing_output(config: RunConfig, bounds: Box, resolution,
 
 
 def create_layers(p: Plan) -> bool:
-    """Create the output layer (if missing) and its mip scales; True if it was created."""
+    """Create the output layer and the segmentation layer (if missing) and their mip
+    scales; True if either was created."""
     cfg = p.config
     created = not Volume.exists(cfg.output)
     if created:
-        Volume.create(cfg.output, num_channels=cfg.model.output_channels,
+        Volume.create(cfg.output, num_channels=cfg.output_channels,
                       dtype=cfg.output_dtype, resolution=p.resolution,
                       voxel_offset=p.input_bounds.start, size=p.input_bounds.shape,
                       chunk=cfg.storage_chunk, shard_bytes=p.shard_bytes)
     if cfg.downsample.mips:
         Volume(cfg.output).ensure_mips(cfg.downsample.factor, cfg.downsample.mips)
+    if p.segmentation is not None:
+        seg = cfg.segmentation
+        if not Volume.exists(seg.output):
+            created = True                # its tasks' done records describe no layer
+            Volume.create(seg.output, num_channels=1, dtype=seg.dtype,
+                          resolution=p.resolution, voxel_offset=p.input_bounds.start,
+                          size=p.input_bounds.shape, chunk=cfg.storage_chunk,
+                          layer_type="segmentation", shard_bytes=p.segmentation.shard_bytes)
+        if cfg.downsample.mips:
+            Volume(seg.output).ensure_mips(cfg.downsample.factor, cfg.downsample.mips)
     return created
 
 

@@ -17,17 +17,24 @@ from typing import Callable, Optional
 import numpy as np
 
 from .queues import DEAD, DONE, LEASED, PENDING, STATE_NAMES, UNPUBLISHED, TaskQueue
+from .segmentation import STEPS
 
-_KIND_ORDER = {"inference": 0, "blend": 1, "downsample": 2}
+_KIND_ORDER = {"inference": 0, "blend": 1, "segmentation": 2, "downsample": 3}
 # a map cell that stands for several tasks shows the least finished of them
 _BY_RANK = np.array([DEAD, LEASED, PENDING, UNPUBLISHED, DONE], np.uint8)  # rank -> code
 _PRIORITY = np.argsort(_BY_RANK).astype(np.uint8)   # code -> rank (lower shows first)
 
 
 def stage_order(name: str) -> tuple:
-    """The order stages run in: inference, blend, downsample-0, downsample-1, …"""
-    kind, _, number = name.partition("-")
-    return _KIND_ORDER.get(kind, len(_KIND_ORDER)), int(number) if number.isdigit() else 0, name
+    """The order stages run in: inference, blend, segmentation-label … -relabel,
+    downsample-0, downsample-1, …, downsample-segmentation-0, …"""
+    kind, _, rest = name.partition("-")
+    layer, _, number = rest.rpartition("-")
+    if kind == "segmentation" and rest in STEPS:
+        step = STEPS.index(rest)
+    else:
+        step = (int(number) if number.isdigit() else 0) + (1 << 16 if layer else 0)
+    return _KIND_ORDER.get(kind, len(_KIND_ORDER)), step, name
 
 
 class RateMeter:

@@ -10,8 +10,9 @@ run's content (`voxflow.identity`): re-running the same model and parameters ski
 tasks already done, as long as the output layer still exists (a run that has to create its
 output forgets the run's old done records). A stage with dead tasks stops the run:
 later stages would read incomplete data. In overlap mode the run's temporary partial sums are
-deleted once every stage has succeeded (unless `inference.keep_temporary`); a failed or
-interrupted run keeps them, so resuming it skips the inference already done.
+deleted once every stage has succeeded (unless `inference.keep_temporary`), as are the
+segmentation's objects; a failed or interrupted run keeps them, so resuming it skips the work
+already done.
 """
 from __future__ import annotations
 
@@ -152,14 +153,20 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
         queue.end_run(run_id, ended)      # workers give the run up at once
         queue.close()
     summary.spent = spent(config, run_id)           # counts the partial sums: before deleting
-    if config.inference.blend == "overlap" and not config.inference.keep_temporary:
+    if has_temporary(config) and not config.inference.keep_temporary:
         delete_temporary(config, run_id)
     return summary
 
 
+def has_temporary(config: RunConfig) -> bool:
+    """Whether a run leaves temporary data: overlap mode's partial sums, the segmentation's
+    faces, pairs and table."""
+    return config.inference.blend == "overlap" or config.segmentation is not None
+
+
 def delete_temporary(config: RunConfig, run_id: str) -> None:
-    """Delete a succeeded overlap-mode run's partial sums (any orchestrator calls this after
-    the last stage; deleting twice is harmless)."""
+    """Delete a succeeded run's temporary data (any orchestrator calls this after the last
+    stage; deleting twice is harmless)."""
     TemporaryStore(temporary_url(config, run_id)).delete_all()
 
 

@@ -7,7 +7,10 @@ All are idempotent: re-running a task writes the same bytes to the same places, 
 at-least-once delivery is harmless.
 
 Stages of a run: inference (crop mode: `InferenceStage`; overlap mode:
-`OverlapInferenceStage`), then in overlap mode `BlendStage`, then the downsample passes.
+`OverlapInferenceStage`), then in overlap mode `BlendStage`, then with `segmentation:` its
+four passes (`segmentation-label`, `-pairs`, `-merge`, `-relabel`: voxflow/segmentation.py),
+then the downsample passes of the output (`downsample-N`) and of the segmentation layer
+(`downsample-segmentation-N`, by mode).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from .mask import Skipped, apply_mask, uniform, unwrap
 from .models import Model, ModelOutputError, pick_device, to_host
 from .config import RunConfig
 from .pipeline import Plan, plan
+from .segmentation import (STEPS, SegmentationStore, face_planes, foreground, label, merge,
+                           neighbours, relabel, task_pairs, voxel_counts)
 from .sharding import shard_grid
 from .temporary import TemporaryStore, pack_key, partial_key, temporary_url
 from .volume import Volume
@@ -33,7 +38,7 @@ from .volume import Volume
 
 class Stage(Protocol):
     name: str
-    kind: str             # which worker group serves it: "inference" | "blend" | "downsample"
+    kind: str             # its worker group: inference | blend | segmentation | downsample
 
     def __len__(self) -> int: ...
 
@@ -95,6 +100,15 @@ def to_output_dtype(prob: torch.Tensor, dtype: str) -> torch.Tensor:
     return prob.to(getattr(torch, dtype))
 
 
+def to_output(values: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Final values (c, z, y, x: blended, normalised, masked) -> what the output layer
+    stores: the `postprocess` ops in order, then the output dtype. The one place both
+    happen, wherever a value becomes final (crop, overlap's exclusive box, the blends)."""
+    for op in cfg.postprocess:
+        values = op.apply(values)
+    return to_output_dtype(values, cfg.output_dtype)
+
+
 class InferenceStage:
     """Crop mode: each task reads its chunk plus margin, runs SlidingWindow, crops, writes."""
 
@@ -107,7 +121,7 @@ class InferenceStage:
                                     cfg.inference.batch_size)
         self.window = SlidingWindow(self.model, cfg.model.input_patch, cfg.model.output_patch,
                                     cfg.inference.patch_overlap, cfg.inference.batch_size,
-                                    cfg.inference.weighting)
+                                    cfg.inference.weighting, cfg.augment)
         self._input = Volume(cfg.input, cfg.mip, fill_missing=cfg.input_missing == "zeros")
         self._output = Volume(cfg.output)
 
@@ -130,12 +144,12 @@ class InferenceStage:
     def compute(self, index: int, image: np.ndarray) -> Union[list, Skipped]:
         box, read, cfg = self.box(index), self.read_box(index), self.plan.config
         if cfg.skip_empty and uniform(image):
-            zeros = np.zeros((cfg.model.output_channels, *reversed(box.shape)), cfg.output_dtype)
+            zeros = np.zeros((cfg.output_channels, *reversed(box.shape)), cfg.output_dtype)
             return Skipped([(box, zeros)])
         result = _forward(self.name, index, box, lambda: self.window(image))  # read - margin
         origin = [a + m for a, m in zip(read.start, cfg.model.patch_margin)]
         crop = apply_mask(result[(slice(None), *box.zyx_slices(origin))], self.plan.tissue, box)
-        return [(box, to_host(to_output_dtype(crop, cfg.output_dtype)))]
+        return [(box, to_host(to_output(crop, cfg)))]
 
     def write(self, index: int, computed: Union[list, Skipped]) -> None:
         for box, data in unwrap(computed):
@@ -193,7 +207,7 @@ class OverlapInferenceStage(InferenceStage):
 
         def values(box: Box, final: bool) -> Callable[[], np.ndarray]:
             part = acc[(slice(None), *box.zyx_slices(origin))]
-            return to_host(to_output_dtype(part, cfg.output_dtype) if final else part)
+            return to_host(to_output(part, cfg) if final else part)
 
         pieces = self.grid.pieces(index)
         if self.plan.shard_shapes is None:
@@ -257,13 +271,13 @@ class BlendStage(_Blend):
 
     def compute(self, index: int, cells: list[tuple[Box, list[tuple[Box, np.ndarray]]]]
                 ) -> list[tuple[Box, np.ndarray]]:
-        channels, dtype = self.plan.config.model.output_channels, self.plan.config.output_dtype
+        cfg = self.plan.config
         out = []
         for box, parts in cells:
-            acc = np.zeros((channels, *reversed(box.shape)), np.float32)
+            acc = np.zeros((cfg.model.output_channels, *reversed(box.shape)), np.float32)
             for part_box, part in parts:
                 acc[(slice(None), *part_box.zyx_slices(box.start))] += part
-            out.append((box, to_output_dtype(torch.from_numpy(acc), dtype).numpy()))
+            out.append((box, to_output(torch.from_numpy(acc), cfg).numpy()))
         return out
 
     def write(self, index: int, computed: list[tuple[Box, np.ndarray]]) -> None:
@@ -287,7 +301,7 @@ class ShardBlendStage(_Blend):
 
     def compute(self, index: int, packs: list) -> np.ndarray:
         cfg, shard = self.plan.config, self.box(index)
-        out = np.zeros((cfg.model.output_channels, *reversed(shard.shape)), cfg.output_dtype)
+        out = np.zeros((cfg.output_channels, *reversed(shard.shape)), cfg.output_dtype)
         sums: dict[tuple, tuple[Box, np.ndarray]] = {}
         for pieces in packs:                              # in task order
             for box, cell, values in pieces:
@@ -296,29 +310,137 @@ class ShardBlendStage(_Blend):
                     continue
                 if cell not in sums:
                     cbox = self.plan.grid.bands.cell_box(cell).intersect(shard)
-                    sums[cell] = cbox, np.zeros((out.shape[0], *reversed(cbox.shape)),
-                                                np.float32)
+                    sums[cell] = cbox, np.zeros((cfg.model.output_channels,
+                                                 *reversed(cbox.shape)), np.float32)
                 cbox, acc = sums[cell]
                 acc[(slice(None), *box.zyx_slices(cbox.start))] += values
         for cbox, acc in sums.values():
-            out[(slice(None), *cbox.zyx_slices(shard.start))] = to_output_dtype(
-                torch.from_numpy(acc), cfg.output_dtype).numpy()
+            out[(slice(None), *cbox.zyx_slices(shard.start))] = to_output(
+                torch.from_numpy(acc), cfg).numpy()
         return out
 
     def write(self, index: int, shard: np.ndarray) -> None:
         self._output.write(self.box(index), shard)
 
 
+class _Segmentation:
+    """What the segmentation passes share: a task grid, the run's segmentation objects
+    (beside the partial sums: `<temporary>/<run>/segmentation/`), and how a box is labelled
+    — the same in the label and relabel passes, so no provisional volume is stored."""
+
+    kind = "segmentation"
+    step = ""
+
+    def __init__(self, p: Plan, run: str):
+        self.plan, self.seg = p, p.config.segmentation
+        self.name = f"segmentation-{self.step}"
+        self.grid = stage_grid(p, self.name)
+        self.store = SegmentationStore(f"{temporary_url(p.config, run)}/segmentation")
+        self._output = Volume(p.config.output)
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def box(self, index: int) -> Box:
+        return _task_box(self.grid, index, self.name)
+
+    def _labels(self, index: int, values: np.ndarray) -> tuple[np.ndarray, int]:
+        fg = foreground(values[self.seg.channel], self.seg.threshold, self.seg.invert)
+        if self.plan.tissue is not None:                # no objects outside the mask
+            fg &= self.plan.tissue.upsampled(self.box(index))
+        return label(fg, self.seg.connectivity)
+
+
+class SegmentLabelStage(_Segmentation):
+    """Pass 1: label the box; keep its face planes and its labels' voxel counts."""
+
+    step = "label"
+
+    def load(self, index: int) -> np.ndarray:
+        return self._output.read(self.box(index))
+
+    def compute(self, index: int, values: np.ndarray) -> tuple[np.ndarray, dict]:
+        labels, n = self._labels(index, values)
+        return voxel_counts(labels, n), face_planes(labels)
+
+    def write(self, index: int, computed: tuple[np.ndarray, dict]) -> None:
+        self.store.put_faces(index, *computed)
+
+
+class SegmentPairsStage(_Segmentation):
+    """Pass 2: the label pairs that touch across the box's boundary with each forward
+    neighbour (faces, edges, corners, as the connectivity reaches)."""
+
+    step = "pairs"
+
+    def load(self, index: int) -> tuple:
+        return self.store.faces(index), [(d, u, self.store.faces(u)[1]) for d, u in
+                                         neighbours(self.grid, index, self.seg.connectivity)]
+
+    def compute(self, index: int, loaded: tuple) -> tuple[np.ndarray, list]:
+        (counts, planes), others = loaded
+        return counts, task_pairs(planes, others, self.seg.connectivity)
+
+    def write(self, index: int, computed: tuple[np.ndarray, list]) -> None:
+        self.store.put_pairs(index, *computed)
+
+
+class SegmentMergeStage(_Segmentation):
+    """Pass 3 (one task): union-find over every pair, min_size, the final ids' table."""
+
+    step = "merge"
+
+    def load(self, index: int) -> tuple[list, list]:
+        return self.store.all_pairs(len(self.plan.segmentation.grid))
+
+    def compute(self, index: int, loaded: tuple[list, list]) -> tuple:
+        return merge(*loaded, self.seg.min_size, self.seg.dtype)
+
+    def write(self, index: int, computed: tuple) -> None:
+        self.store.put_table(*computed)
+
+
+class SegmentRelabelStage(_Segmentation):
+    """Pass 4: label the box again, map its labels to final ids, write the layer."""
+
+    step = "relabel"
+
+    def __init__(self, p: Plan, run: str):
+        super().__init__(p, run)
+        self._layer = Volume(self.seg.output)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._output.read(self.box(index)), self.store.table_slice(index, self.seg.dtype)
+
+    def compute(self, index: int, loaded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        values, table = loaded
+        labels, n = self._labels(index, values)
+        if n != len(table):
+            raise RuntimeError(f"{self.name} task {index}: box {self.box(index)} has {n} "
+                               f"labels now, {len(table)} when it was labelled (the output "
+                               "changed since): run again")
+        return relabel(labels, table)[None]
+
+    def write(self, index: int, ids: np.ndarray) -> None:
+        self._layer.write(self.box(index), ids)
+
+
+SEGMENTATION_STAGES = {s.step: s for s in (SegmentLabelStage, SegmentPairsStage,
+                                           SegmentMergeStage, SegmentRelabelStage)}
+
+
 class DownsampleStage:
-    """One pass of the pyramid: read a source-mip box, write the mips above it."""
+    """One pass of a pyramid (the output's, or with `layer="segmentation"` the segmentation
+    layer's, by mode): read a source-mip box, write the mips above it."""
 
     kind = "downsample"
 
-    def __init__(self, p: Plan, number: int):
+    def __init__(self, p: Plan, number: int, layer: str = "output"):
         self.plan = p
-        self.name = f"downsample-{number}"
-        self.pass_ = p.downsample[number]
-        url = p.config.output
+        seg = layer == "segmentation"
+        self.name = f"downsample-segmentation-{number}" if seg else f"downsample-{number}"
+        self.pass_ = (p.segmentation.downsample if seg else p.downsample)[number]
+        url = p.config.segmentation.output if seg else p.config.output
         self._volumes = [Volume(url, self.pass_.source_mip + k) for k in range(self.pass_.mips + 1)]
 
     def __len__(self) -> int:
@@ -349,19 +471,38 @@ def stage_grid(p: Plan, name: str) -> Union[ChunkGrid, OverlapGrid, BandGrid]:
         if p.shard_shapes is not None:                  # one task per shard of the bbox
             return shard_grid(p.input_bounds, p.shard_shapes[0], p.bbox)
         return p.grid.bands
-    kind, _, number = name.partition("-")
-    if kind == "downsample" and number.isdigit() and int(number) < len(p.downsample):
-        return p.downsample[int(number)].grid
+    kind, _, rest = name.partition("-")
+    if kind == "segmentation" and p.segmentation is not None and rest in STEPS:
+        return p.segmentation.merge_grid if rest == "merge" else p.segmentation.grid
+    passes = _downsample_passes(p, name)
+    if passes is not None:
+        return passes[int(name.rpartition("-")[2])].grid
     raise UnknownStage(f"unknown stage {name!r}: this run's stages are "
                        f"{', '.join(stage_names(p))}")
 
 
+def _downsample_passes(p: Plan, name: str) -> Optional[tuple]:
+    """The pyramid passes a `downsample-N` or `downsample-segmentation-N` name points into
+    (None: no such stage)."""
+    kind, _, rest = name.partition("-")
+    layer, _, number = rest.rpartition("-")
+    if kind != "downsample" or not number.isdigit():
+        return None
+    passes = p.downsample if layer == "" else p.segmentation.downsample \
+        if layer == "segmentation" and p.segmentation is not None else ()
+    return passes if int(number) < len(passes) else None
+
+
 def stage_names(p: Plan) -> list[str]:
     """The run's stages, in the order they run (blend where chunks meet, and wherever the
-    output is sharded in overlap mode: shards are assembled there)."""
+    output is sharded in overlap mode: shards are assembled there; the segmentation's
+    passes after blending, its pyramid after the output's)."""
     blend = ["blend"] if isinstance(p.grid, OverlapGrid) and (
         len(p.grid.bands) or p.shard_shapes is not None) else []
-    return ["inference", *blend] + [f"downsample-{i}" for i in range(len(p.downsample))]
+    seg = p.segmentation
+    return (["inference", *blend] + ([f"segmentation-{s}" for s in STEPS] if seg else [])
+            + [f"downsample-{i}" for i in range(len(p.downsample))]
+            + [f"downsample-segmentation-{i}" for i in range(len(seg.downsample) if seg else 0)])
 
 
 def stage_kind(name: str) -> str:
@@ -378,7 +519,11 @@ def build_stage(p: Plan, name: str, run: str, model: Optional[Model] = None) -> 
         return InferenceStage(p, model)
     if name == "blend":
         return ShardBlendStage(p, run) if p.shard_shapes is not None else BlendStage(p, run)
-    return DownsampleStage(p, int(name.partition("-")[2]))
+    if stage_kind(name) == "segmentation":
+        return SEGMENTATION_STAGES[name.partition("-")[2]](p, run)
+    rest = name.partition("-")[2]
+    return DownsampleStage(p, int(rest.rpartition("-")[2]),
+                           "segmentation" if "-" in rest else "output")
 
 
 class ModelChanged(RuntimeError):
