@@ -34,7 +34,7 @@ from voxflow.config import load_config
 from voxflow.demo.run import HERE, RESOLUTION
 from voxflow.demo.synthetic import make_em_volume
 from voxflow.geometry import Box
-from voxflow.inference import lattice_starts
+from voxflow.lattice import lattice_starts
 from voxflow.pipeline import plan
 from voxflow.runner import run
 from voxflow.volume import Volume

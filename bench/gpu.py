@@ -36,7 +36,7 @@ from inference import storage_chunk_for, sync, timed  # noqa: E402  (bench/infer
 from voxflow.config import parse_config  # noqa: E402
 from voxflow.demo.run import HERE  # noqa: E402
 from voxflow.geometry import Box  # noqa: E402
-from voxflow.inference import patch_weights  # noqa: E402
+from voxflow.lattice import patch_weights  # noqa: E402
 from voxflow.models import Model, pick_device  # noqa: E402
 from voxflow.runner import run  # noqa: E402
 from voxflow.volume import Volume  # noqa: E402

@@ -26,7 +26,8 @@ from voxflow.demo.run import HERE
 from voxflow.geometry import Box
 from voxflow.models import Model, pick_device
 from voxflow.pipeline import create_layers, plan
-from voxflow.stages import InferenceStage, run_task
+from voxflow.stages import run_task
+from voxflow.stages.inference import InferenceStage
 from voxflow.volume import Volume
 
 

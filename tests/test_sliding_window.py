@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from voxflow.config import ModelConfig
-from voxflow.inference import SlidingWindow, bump_profile
+from voxflow.inference import SlidingWindow
+from voxflow.lattice import bump_profile
 from voxflow.models import Model
 
 from conftest import SmallConv

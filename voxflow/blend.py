@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .geometry import Box, Vec3, ceil_div, vec3
-from .inference import PROFILES, Weighting
+from .lattice import PROFILES, Weighting
 
 
 

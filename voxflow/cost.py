@@ -19,6 +19,7 @@ import math
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,7 +34,7 @@ from .geometry import Box, ChunkGrid, ceil_div
 from .messages import encode
 from .pipeline import Plan
 from .segmentation import directions
-from .stages import InferenceStage, stage_grid, stage_kind, stage_names
+from .stages import crop_read_box, stage_grid, stage_kind, stage_names
 
 Ranges = list[list[tuple[int, int]]]   # per axis x, y, z: the ranges of a product set of boxes
 GIB, TIB = 1 << 30, 1 << 40
@@ -88,17 +89,8 @@ def _axis_ranges(grid, box_of: Callable[[int], Box]) -> Ranges:
     return out
 
 
-class _CropReads:
-    """Crop mode's read boxes by the stage's own rule, without loading its model."""
-
-    read_box = InferenceStage.read_box
-
-    def __init__(self, p: Plan):
-        self.plan = p
-
-
 def _read_ranges(p: Plan) -> Ranges:
-    reader = p.grid.read_box if isinstance(p.grid, OverlapGrid) else _CropReads(p).read_box
+    reader = p.grid.read_box if isinstance(p.grid, OverlapGrid) else partial(crop_read_box, p)
     return _axis_ranges(p.grid, reader)
 
 
@@ -562,7 +554,8 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
     bill multiplies the patches by the orientations."""
     import torch
 
-    from .inference import SlidingWindow, lattice_starts
+    from .inference import SlidingWindow
+    from .lattice import lattice_starts
     from .models import Model, pick_device
     from .pipeline import plan
     from .volume import Volume
@@ -571,7 +564,7 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
     warm_up = model.warm_up(p.input_channels)
     grid = ChunkGrid(p.bbox, config.inference.chunk, config.margin, origin=p.input_bounds.start)
     index = grid.index([n // 2 for n in grid.counts])
-    read = _CropReads(replace(p, grid=grid)).read_box(index)
+    read = crop_read_box(replace(p, grid=grid), index)
     inf = config.inference
     window = SlidingWindow(model, config.model.input_patch, config.model.output_patch,
                            inf.patch_overlap, inf.batch_size, inf.weighting)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
@@ -19,8 +19,10 @@ from .downsample import DownsamplePass, mip_bounds, plan_downsample
 from .geometry import Box, ChunkGrid, Vec3
 from .mask import MaskCoverageError, TissueMap
 from .sharding import shard_shape, sharding_spec, spec_bytes
-from .models import Model
 from .volume import LayerNotFound, Volume
+
+if TYPE_CHECKING:                          # torch: only where a model is loaded
+    from .models import Model
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,10 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
                               f"model's patch margin {config.model.patch_margin} along {axis}")
     if model is not None or check_model:
         eager = config.model.model_copy(update={"compile": False})   # a check: no compile
-        (model or Model(eager, "cpu")).check(source.num_channels)
+        if model is None:
+            from .models import Model
+            model = Model(eager, "cpu")
+        model.check(source.num_channels)
     voxel_bytes = config.output_channels * np.dtype(config.output_dtype).itemsize
     crop = config.inference.chunk if config.inference.blend == "crop" else None
     shards, shard_bytes = _shard_shapes(config, config.output, bounds, voxel_bytes, crop)
