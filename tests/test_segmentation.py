@@ -5,6 +5,7 @@ stage through the real runner: SQLite queue, inline and process workers, file://
 import contextlib
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Optional
 
@@ -196,6 +197,8 @@ def test_reruns_and_killed_workers_give_identical_bytes(tmp_path):
                 continue
             try:
                 stats = queue.stats("chaos")
+            except sqlite3.OperationalError:    # the file exists, its tables not yet
+                continue
             finally:
                 queue.close()
             busy = [n for n, s in stats.items() if n.startswith("segmentation-") and s.leased
