@@ -51,6 +51,8 @@ WRITE_SCHEMES = ("file", "gs", "s3")                    # ... and writes these
 def _as_layer_url(value: str, info: ValidationInfo, schemes=WRITE_SCHEMES) -> str:
     """A layer's URL: a local path becomes file://; a remote scheme must be one voxflow
     reads (inputs) or writes (the rest), refused here rather than by a library later."""
+    if not value.strip():
+        raise ValueError("must not be empty")
     if "://" in value and not value.startswith("file://"):
         scheme = value.removeprefix("precomputed://").split("://", 1)[0]
         if scheme not in schemes:
@@ -590,8 +592,6 @@ class MaskConfig(_Section):
     @field_validator("layer")
     @classmethod
     def _layer(cls, value: str, info: ValidationInfo) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
         return _as_layer_url(value, info, READ_SCHEMES)
 
 
@@ -625,8 +625,6 @@ class SegmentationConfig(_Section):
     @field_validator("output")
     @classmethod
     def _layer(cls, value: str, info: ValidationInfo) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
         return _as_layer_url(value, info)
 
 
@@ -696,8 +694,6 @@ class RunConfig(_Section):
     @field_validator("input", "output")
     @classmethod
     def _layer_url(cls, value: str, info: ValidationInfo) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
         return _as_layer_url(value, info, READ_SCHEMES if info.field_name == "input"
                              else WRITE_SCHEMES)
 
