@@ -2,12 +2,14 @@
 
 The main thread only controls: it pulls, extends leases, watches for a stop, and acks or
 nacks. A task is a pipeline of three threads: reading the next task's input (prefetch, one
-task ahead), computing, and writing the previous task's output (write-behind, one task
+task ahead, building its stage first — the run's plan, and the model on the run's first
+inference task), computing, and writing the previous task's output (write-behind, one task
 behind), so on a fast accelerator neither reads nor writes leave it idle. Memory stays
 bounded: at most one task in each phase, and a computed task waits for the writer (holding
 up the next compute) rather than queueing. A task is acked only once all its writes
 succeeded; a failed write fails the task (retried). A stop (SIGTERM on a Spot VM) is acted
-on within a fraction of a second even in the middle of a long forward pass: leases not being
+on within a fraction of a second even in the middle of a long forward pass or a model load:
+leases not being
 written are released at once, a write in flight gets `WRITE_GRACE_SECONDS` to finish (then
 acked) or is released too; a half-done task is simply redone elsewhere (tasks are idempotent).
 The same holds when the run itself ends (cancelled, failed, its driver gone quiet): the
@@ -56,8 +58,8 @@ class JsonLog:
 class _Job:
     lease: Lease
     message: TaskMessage
-    stage: object
-    loaded: Future                         # stage.load, on the I/O thread
+    stage: object = None                   # built by the load job
+    loaded: Optional[Future] = None        # stage build + stage.load, on the I/O thread
     computed: Optional[Future] = None      # stage.compute, on the compute thread
     written: Optional[Future] = None       # stage.write, on the write thread
 
@@ -247,21 +249,31 @@ class Worker:
                 if (message.run, message.stage, message.index) != \
                         (lease.run, lease.stage, lease.index):
                     raise MalformedMessage("message body does not match its queue key")
-                stage = self.stage_factory(message.run, message.stage)
-                if stage.box(message.index) != message.bbox:
-                    raise MalformedMessage(f"box {message.bbox} is not task {message.index}'s "
-                                           f"box {stage.box(message.index)} in the run's plan")
             except Exception as exc:
-                # Malformed, unknown run or stage, or a plan that cannot be built: retried
-                # like any failure (a newer worker may understand a newer message), then
-                # dead-lettered with this error.
+                # Malformed: retried like any failure (a newer worker may understand a newer
+                # message), then dead-lettered with this error.
                 self.queue.nack(lease, task_error(exc))
                 self.log("task_failed", "error", run=lease.run, stage=lease.stage,
                          index=lease.index, attempt=lease.attempt, error=_short_error(exc))
                 continue
             self._hold(lease)
-            return _Job(lease, message, stage, self._io.submit(stage.load, message.index))
+            job = _Job(lease, message)
+            job.loaded = self._io.submit(self._load_job, job)
+            return job
         return None
+
+    def _load_job(self, job: _Job) -> object:
+        """Build the task's stage (the run's plan; the model, on its first inference task),
+        check the message against the plan, read the input. On the I/O thread: the main loop
+        stays free to see a stop and release the lease at once (building a stage may load
+        a model for seconds). A failure — an unknown run or stage, a box the plan does not
+        have, a plan that cannot be built — fails the task like any other."""
+        message = job.message
+        job.stage = stage = self.stage_factory(message.run, message.stage)
+        if stage.box(message.index) != message.bbox:
+            raise MalformedMessage(f"box {message.bbox} is not task {message.index}'s "
+                                   f"box {stage.box(message.index)} in the run's plan")
+        return stage.load(message.index)
 
     def _next(self) -> Optional[_Job]:
         """`_take`, pulling at most once per idle backoff while nothing is found."""
@@ -278,7 +290,8 @@ class Worker:
 
     def _compute_job(self, job: _Job) -> tuple[object, float]:
         t0 = time.perf_counter()
-        computed = job.stage.compute(job.message.index, job.loaded.result())
+        loaded = job.loaded.result()                    # sets job.stage
+        computed = job.stage.compute(job.message.index, loaded)
         return computed, time.perf_counter() - t0
 
     def _write_job(self, job: _Job, computed: object) -> float:
