@@ -9,9 +9,8 @@ bounded: at most one task in each phase, and a computed task waits for the write
 up the next compute) rather than queueing. A task is acked only once all its writes
 succeeded; a failed write fails the task (retried). A stop (SIGTERM on a Spot VM) is acted
 on within a fraction of a second even in the middle of a long forward pass or a model load:
-leases not being
-written are released at once, a write in flight gets `WRITE_GRACE_SECONDS` to finish (then
-acked) or is released too; a half-done task is simply redone elsewhere (tasks are idempotent).
+leases not being written are released at once, a write in flight gets `WRITE_GRACE_SECONDS`
+to finish (then acked) or is released too; a half-done task is simply redone elsewhere (tasks are idempotent).
 The same holds when the run itself ends (cancelled, failed, its driver gone quiet): the
 worker gives its tasks back and stops pulling them.
 """
