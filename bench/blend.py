@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import yaml
 
-from voxflow.blend import OverlapGrid
+from voxflow.grids import OverlapGrid
 from voxflow.temporary import temporary_url
 from voxflow.config import load_config
 from voxflow.demo.run import HERE, RESOLUTION
 from voxflow.demo.synthetic import make_em_volume
 from voxflow.geometry import Box
-from voxflow.lattice import lattice_starts
+from voxflow.lattice import lattice_size
 from voxflow.pipeline import plan
 from voxflow.runner import run
 from voxflow.volume import Volume
@@ -56,7 +56,7 @@ def crop_patches(p) -> int:
         shape = p.grid.read_box(i).shape
         short = [max(ip - n, 0) for ip, n in zip(cfg.model.input_patch, shape)]
         out = [n + s - 2 * m for n, s, m in zip(shape, short, cfg.model.patch_margin)]
-        total += int(np.prod([len(lattice_starts(n, o, s)) for n, o, s in zip(out, op, stride)]))
+        total += int(np.prod([lattice_size(n, o, s) for n, o, s in zip(out, op, stride)]))
     return total
 
 

@@ -182,7 +182,7 @@ def each(fn, n: int) -> tuple[dict, list]:
 
 def patch_count(stage, index: int, image_shape) -> int:
     """Patches the model runs for one task (what the stand-in sleeps for)."""
-    from voxflow.blend import OverlapGrid
+    from voxflow.grids import OverlapGrid
     if isinstance(getattr(stage, "grid", None), OverlapGrid):
         return int(np.prod([len(s) for s in stage.grid.patch_starts(index)]))
     return len(stage.window.patches(image_shape[1:]))

@@ -39,7 +39,8 @@ import yaml
 from scipy.ndimage import gaussian_filter
 
 from voxflow.config import load_config
-from voxflow.geometry import Box, ChunkGrid
+from voxflow.geometry import Box
+from voxflow.grids import ChunkGrid
 from voxflow.runner import run
 from voxflow.segmentation import segment_in_memory
 from voxflow.volume import Volume

@@ -44,7 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from voxflow.geometry import Box, ChunkGrid  # noqa: E402
+from voxflow.geometry import Box
+
+from voxflow.grids import ChunkGrid  # noqa: E402
 from voxflow.messages import encode  # noqa: E402
 from voxflow.queues import DEAD, DONE, LEASED, PENDING  # noqa: E402
 from voxflow.queues.sqlite import SQLiteQueue  # noqa: E402

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from voxflow.geometry import Box, ChunkGrid
+from voxflow.geometry import Box
+
+from voxflow.grids import ChunkGrid
 from voxflow.messages import encode
 from voxflow.queues.sqlite import SQLiteQueue
 

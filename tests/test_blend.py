@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from voxflow.blend import OverlapGrid
+from voxflow.grids import OverlapGrid
 from voxflow.cli import main
 from voxflow.config import load_config, parse_config
 from voxflow.geometry import Box

@@ -4,7 +4,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from voxflow.geometry import Box, ChunkGrid
+from voxflow.geometry import Box
+
+from voxflow.grids import ChunkGrid
 
 
 def test_box_basics():

@@ -20,7 +20,8 @@ from voxflow import cost
 from voxflow.cli import main
 from voxflow.config import ConfigError, load_config, parse_config
 from voxflow.downsample import downsample
-from voxflow.geometry import Box, ChunkGrid
+from voxflow.geometry import Box
+from voxflow.grids import ChunkGrid
 from voxflow.pipeline import plan
 from voxflow.queues import open_queue
 from voxflow.segmentation import SegmentationOverflow, directions, merge, segment_in_memory

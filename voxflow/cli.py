@@ -54,7 +54,7 @@ def _human_bytes(n: float) -> str:
 def _plan_report(p) -> dict:
     """Tasks, voxels and bytes per stage, and the bill (`voxflow.cost`): all exact, by
     per-axis arithmetic over the lazy grids (a petavoxel plans in well under a second)."""
-    from .blend import OverlapGrid
+    from .grids import OverlapGrid
     from .cost import bill, read_voxels
     cfg = p.config
     in_voxel_bytes = p.input_channels * np.dtype(p.input_dtype).itemsize

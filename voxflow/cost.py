@@ -26,11 +26,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from .augment import orientations
-from .blend import OverlapGrid
 from .temporary import temporary_url
 from .config import RunConfig, voxflow_home
 from .downsample import mip_bounds
-from .geometry import Box, ChunkGrid, ceil_div
+from .geometry import Box, ceil_div
+from .grids import ChunkGrid, OverlapGrid
+from .lattice import lattice_size
 from .messages import encode
 from .pipeline import Plan
 from .segmentation import directions
@@ -282,11 +283,6 @@ def segmentation_temporary_bytes(p: Plan) -> int:
 
 
 # -- compute ---------------------------------------------------------------------------------
-def _patches(length: int, patch: int, stride: int) -> int:
-    """Patches of a lattice over `length` output voxels (last patch snapped to the end)."""
-    return 1 + ceil_div(max(length - patch, 0), stride)
-
-
 def _lattice(cfg: RunConfig):
     m = cfg.model
     return zip(m.output_patch, cfg.inference.patch_overlap, m.patch_margin)
@@ -295,7 +291,7 @@ def _lattice(cfg: RunConfig):
 def chunk_patches(cfg: RunConfig) -> int:
     """Patches of one whole crop-mode chunk (inference.chunk plus the margin): the unit
     `cost.throughput.inference` is measured on."""
-    return math.prod(_patches(c + 2 * mg - 2 * pm, op, op - ov) for c, mg, (op, ov, pm)
+    return math.prod(lattice_size(c + 2 * mg - 2 * pm, op, op - ov) for c, mg, (op, ov, pm)
                      in zip(cfg.inference.chunk, cfg.margin, _lattice(cfg)))
 
 
@@ -309,7 +305,7 @@ def inference_patches(p: Plan) -> int:
         per_axis = [[len(ax.patches(t)) for t in range(ax.tasks)] for ax in p.grid.axes]
     else:
         lat = list(_lattice(p.config))
-        per_axis = [[_patches(b - a - 2 * lat[x][2], lat[x][0], lat[x][0] - lat[x][1])
+        per_axis = [[lattice_size(b - a - 2 * lat[x][2], lat[x][0], lat[x][0] - lat[x][1])
                      for a, b in rs] for x, rs in enumerate(_read_ranges(p))]
         if p.tissue is None:
             return math.prod(sum(t) for t in per_axis)
@@ -555,7 +551,6 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
     import torch
 
     from .inference import SlidingWindow
-    from .lattice import lattice_starts
     from .models import Model, pick_device
     from .pipeline import plan
     from .volume import Volume
@@ -570,8 +565,7 @@ def measure_inference(config: RunConfig, seconds: float = 20.0) -> dict:
                            inf.patch_overlap, inf.batch_size, inf.weighting)
     source = Volume(config.input, config.mip, fill_missing=config.input_missing == "zeros")
     x = model.normalize(source.read(read, pad=inf.pad))
-    starts = [lattice_starts(n, op, s) for n, op, s in
-              zip(window.output_shape(x.shape[1:]), window.output_patch, window.stride)]
+    starts = window.starts(window.output_shape(x.shape[1:]))
     depth = window.input_patch[0]
 
     def sync():

@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 import tinybrain
 
-from .geometry import Box, ChunkGrid, Vec3, ceil_div, vec3
+from .geometry import Box, Vec3, ceil_div, vec3
+
+from .grids import ChunkGrid
 
 
 def mip_bounds(bounds0: Box, factor: Sequence[int], mip: int) -> Box:

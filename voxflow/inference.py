@@ -22,7 +22,7 @@ import torch
 
 from .augment import orientations
 from .geometry import ceil_div, vec3
-from .lattice import PROFILES, Weighting, lattice_starts, patch_weights
+from .lattice import PROFILES, Weighting, axis_lattice, patch_weights
 from .models import Model
 
 def balanced_batches(items: Sequence, batch_size: int) -> list[Sequence]:
@@ -74,16 +74,23 @@ class SlidingWindow:
 
     def patches(self, input_shape_zyx: Sequence[int]) -> list[tuple[int, int, int]]:
         """Output-space starts (z, y, x) of every patch; input patches start at the same index."""
-        out = self.output_shape(input_shape_zyx)
-        per_axis = [lattice_starts(n, p, s) for n, p, s in
-                    zip(out, self.output_patch, self.stride)]
+        per_axis = self.starts(self.output_shape(input_shape_zyx))
         return [(z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+
+    def starts(self, out_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Per axis (z, y, x), the patch starts over an output of `out_shape`."""
+        for n, p in zip(out_shape, self.output_patch):
+            if n < p:
+                raise ValueError(f"output extent {n} is smaller than the patch {p}")
+        return [axis_lattice(0, n, p, s) for n, p, s in
+                zip(out_shape, self.output_patch, self.stride)]
 
     def _weight_sum(self, out_shape: Sequence[int]) -> torch.Tensor:
         sums = []
-        for n, p, s, prof in zip(out_shape, self.output_patch, self.stride, self._profiles):
+        for n, p, prof, starts in zip(out_shape, self.output_patch, self._profiles,
+                                      self.starts(out_shape)):
             acc = np.zeros(n)
-            for a in lattice_starts(n, p, s):
+            for a in starts:
                 acc[a:a + p] += prof
             sums.append(acc)
         total = sums[0][:, None, None] * sums[1][None, :, None] * sums[2][None, None, :]
@@ -94,9 +101,7 @@ class SlidingWindow:
         """Blend the model over `image` (c, z, y, x); returns (C, z', y', x') on the device."""
         x = self._prepare(image)
         out_shape = self.output_shape(x.shape[1:])
-        per_axis = [lattice_starts(n, p, s) for n, p, s in
-                    zip(out_shape, self.output_patch, self.stride)]
-        acc = self.weighted_sum(x, per_axis)
+        acc = self.weighted_sum(x, self.starts(out_shape))
         acc /= self._weight_sum(out_shape)
         return acc
 

@@ -1,6 +1,6 @@
 """The patch lattice and its blending weights: where patches start along an axis, and each
 patch's separable weight (bump or Gaussian). Shared by the sliding window (inference.py),
-the overlap grid (blend.py) and the planner's cost model; numpy only, so planning and the
+the overlap grid (grids.py) and the planner's cost model; numpy only, so planning and the
 orchestrator's tasks never import torch."""
 from __future__ import annotations
 
@@ -35,10 +35,16 @@ def patch_weights(shape_zyx: Sequence[int], weighting: Weighting = "bump") -> np
     return z[:, None, None] * y[None, :, None] * x[None, None, :]
 
 
-def lattice_starts(length: int, patch: int, stride: int) -> list[int]:
-    """Patch starts along one axis: 0, stride, ... and a last patch snapped to the end."""
-    if length < patch:
-        raise ValueError(f"length {length} is smaller than the patch {patch}")
-    starts = list(range(0, length - patch, stride))
-    starts.append(length - patch)
-    return starts
+def axis_lattice(lo: int, hi: int, patch: int, stride: int) -> tuple[int, ...]:
+    """Patch starts along one axis of `[lo, hi)`: lo, lo + stride, ... and a last patch
+    snapped to `hi`; one centred patch when the extent is shorter than the patch."""
+    length = hi - lo
+    if length <= patch:
+        return (lo - (patch - length) // 2,)
+    return tuple(range(lo, hi - patch, stride)) + (hi - patch,)
+
+
+def lattice_size(length: int, patch: int, stride: int) -> int:
+    """`len(axis_lattice(0, length, patch, stride))`, in O(1): the planner counts patches of
+    lattices it never lists."""
+    return 1 + max(-(-(length - patch) // stride), 0)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
-from .blend import OverlapGrid
 from .config import ConfigError, RunConfig
 from .downsample import DownsamplePass, mip_bounds, plan_downsample
-from .geometry import Box, ChunkGrid, Vec3
+from .geometry import Box, Vec3
+from .grids import ChunkGrid, OverlapGrid
 from .mask import MaskCoverageError, TissueMap
 from .sharding import shard_shape, sharding_spec, spec_bytes
 from .volume import LayerNotFound, Volume

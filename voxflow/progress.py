@@ -103,8 +103,7 @@ def overall(rows: list[dict]) -> dict:
 
 def _lattice(grid) -> Optional[tuple[int, int, int]]:
     """Tasks per axis of a grid whose index is x fastest over a full lattice."""
-    from .blend import OverlapGrid
-    from .geometry import ChunkGrid
+    from .grids import ChunkGrid, OverlapGrid
     if isinstance(grid, ChunkGrid):
         return tuple(grid.counts)
     if isinstance(grid, OverlapGrid):

@@ -31,7 +31,9 @@ import cc3d
 import fastremap
 import numpy as np
 
-from .geometry import ChunkGrid, Vec3
+from .geometry import Vec3
+
+from .grids import ChunkGrid
 
 STEPS = ("label", "pairs", "merge", "relabel")          # stage `segmentation-STEP`, in order
 _REACH = {6: 1, 18: 2, 26: 3}    # most nonzero components of a neighbour offset

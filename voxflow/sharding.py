@@ -32,7 +32,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from .geometry import Box, ChunkGrid, Vec3, ceil_div, vec3
+from .geometry import Box, Vec3, ceil_div, vec3
+
+from .grids import ChunkGrid
 
 SHARD_BYTES = 64 << 20          # uncompressed bytes a shard aims for
 MINISHARD_CHUNKS = 1024         # chunks per minishard index at most (keeps it a few KiB)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
 
-from ..blend import BandGrid, OverlapGrid
 from ..config import RunConfig
-from ..geometry import Box, ChunkGrid
+from ..geometry import Box
+from ..grids import BandGrid, ChunkGrid, OverlapGrid
 from ..pipeline import Plan, plan
 from ..segmentation import STEPS
 from ..sharding import shard_grid

@@ -7,8 +7,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..blend import BandGrid
-from ..geometry import Box, ChunkGrid
+from ..geometry import Box
+from ..grids import BandGrid, ChunkGrid
 from ..pipeline import Plan
 from ..temporary import TemporaryStore, pack_key, partial_key, temporary_url
 from ..volume import Volume

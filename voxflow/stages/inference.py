@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from ..blend import OverlapGrid
+from ..grids import OverlapGrid
 from ..geometry import Box
 from ..inference import SlidingWindow
 from ..inputs import read_input

@@ -1,4 +1,10 @@
-"""Seamless blending across chunks (`inference.blend: overlap`): geometry and temporary store.
+"""Task grids: which box each task of a stage computes, by arithmetic (O(1) memory).
+
+`ChunkGrid` cuts a bbox into aligned chunks (crop-mode inference, downsample passes,
+segmentation passes, shards); `OverlapGrid` is overlap-mode inference and `BandGrid` its blend
+tasks (docs/blending.md).
+
+Seamless blending across chunks (`inference.blend: overlap`):
 
 One patch lattice covers the run's bbox (anchored at its start, stride = patch - overlap, the
 last patch snapped to the end). Per axis, tasks are blocks of consecutive lattice patches; a
@@ -24,23 +30,79 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from .geometry import Box, Vec3, ceil_div, vec3
-from .lattice import PROFILES, Weighting
+from .lattice import PROFILES, Weighting, axis_lattice
 
 
 
-def axis_lattice(lo: int, hi: int, patch: int, stride: int) -> tuple[int, ...]:
-    """Patch starts along one axis of `[lo, hi)`: lo, lo + stride, ... and a last patch
-    snapped to `hi`; one centred patch when the extent is shorter than the patch."""
-    length = hi - lo
-    if length <= patch:
-        return (lo - (patch - length) // 2,)
-    return tuple(range(lo, hi - patch, stride)) + (hi - patch,)
+@dataclass(frozen=True)
+class ChunkGrid:
+    """A lazy grid of chunks covering `bbox`: task index <-> box by arithmetic, O(1) memory.
+
+    Chunk starts lie on `origin + k * chunk` (origin: the storage-chunk grid's anchor, usually
+    the layer's voxel offset), so every interior chunk is aligned to storage chunks; the first
+    and last chunks along an axis are clipped to the bbox. Index order is x fastest, then y,
+    then z, so consecutive tasks touch neighbouring data.
+    """
+
+    bbox: Box
+    chunk: Vec3
+    margin: Vec3 = (0, 0, 0)
+    origin: Vec3 = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunk", vec3(self.chunk))
+        object.__setattr__(self, "margin", vec3(self.margin))
+        object.__setattr__(self, "origin", vec3(self.origin))
+        if any(c <= 0 for c in self.chunk):
+            raise ValueError(f"chunk must be positive, got {list(self.chunk)}")
+        if self.bbox.is_empty():
+            raise ValueError(f"bbox {self.bbox} is empty")
+        # derived once: box(i) is on the publish hot path (10^7 calls for a large run)
+        first = vec3([(s - o) // c for s, o, c in zip(self.bbox.start, self.origin, self.chunk)])
+        counts = vec3([ceil_div(b - o, c) - f for b, o, c, f in
+                       zip(self.bbox.stop, self.origin, self.chunk, first)])
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "_len", counts[0] * counts[1] * counts[2])
+
+    first: Vec3 = field(init=False, repr=False, compare=False)    # grid cell of bbox.start
+    counts: Vec3 = field(init=False, repr=False, compare=False)   # chunks along x, y, z
+
+    def __len__(self) -> int:
+        return self._len
+
+    def position(self, index: int) -> Vec3:
+        """Grid position (ix, iy, iz) of task `index`."""
+        if not 0 <= index < self._len:
+            raise IndexError(f"task index {index} outside [0, {self._len})")
+        nx, ny, _ = self.counts
+        return (index % nx, (index // nx) % ny, index // (nx * ny))
+
+    def index(self, position: Sequence[int]) -> int:
+        nx, ny, nz = self.counts
+        ix, iy, iz = vec3(position)
+        if not (0 <= ix < nx and 0 <= iy < ny and 0 <= iz < nz):
+            raise IndexError(f"grid position {list(position)} outside {list(self.counts)}")
+        return ix + nx * (iy + ny * iz)
+
+    def box(self, index: int) -> Box:
+        """The output box of task `index` (clipped to the bbox)."""
+        pos = self.position(index)
+        start = [o + (f + p) * c for o, f, p, c in zip(self.origin, self.first, pos, self.chunk)]
+        return Box(start, [s + c for s, c in zip(start, self.chunk)]).intersect(self.bbox)
+
+    def read_box(self, index: int) -> Box:
+        """The box a task reads: its output box plus the context margin."""
+        return self.box(index).grow(self.margin)
+
+    def __iter__(self) -> Iterator[Box]:
+        return (self.box(i) for i in range(len(self)))
 
 
 @dataclass(frozen=True)
