@@ -270,10 +270,12 @@ def api_map(run: str, stage: str, queue: Optional[str] = None) -> dict:
     q = _with_queue(queue, run)
     try:
         try:
-            grid = stage_grid(_plan(q, run), stage)
+            p = _plan(q, run)
+            grid = stage_grid(p, stage)
         except KeyError:
             raise HTTPException(404, f"run {run} has no stage {stage!r}") from None
-        return chunk_map(q, run, stage, grid)
+        runs = p.tissue.tasks if stage == "inference" and p.tissue is not None else None
+        return chunk_map(q, run, stage, grid, runs=runs)
     finally:
         q.close()
 

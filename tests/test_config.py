@@ -63,7 +63,8 @@ BAD = [  # (change, field named in the error)
 
 
 @pytest.mark.parametrize("command", ["run", "validate"])
-@pytest.mark.parametrize("key,value,field", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+@pytest.mark.parametrize("key,value,field", BAD,
+                         ids=[f"{k}={'(deleted)' if v is _DELETE else v}" for k, v, _ in BAD])
 def test_bad_config_refused_before_writing(setup, capsys, command, key, value, field):
     tmp_path, good = setup
     cfg = _set(copy.deepcopy(good), key, value)

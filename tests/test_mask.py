@@ -12,8 +12,8 @@ import pytest
 from voxflow.config import ConfigError, load_config
 from voxflow.cost import bill
 from voxflow.pipeline import plan
-from voxflow.progress import RateMeter, stage_rows
-from voxflow.queues import open_queue
+from voxflow.progress import RateMeter, chunk_map, stage_rows
+from voxflow.queues import DONE, SKIPPED, open_queue
 from voxflow.runner import run
 from voxflow.volume import Volume
 
@@ -86,6 +86,11 @@ def test_mask_skips_tasks_outside_it_and_zeroes_the_output_there(tmp_path, layer
                       {"inference": p.masked})
     assert rows[0]["skipped"] == len(grid) - len(meets)
     assert rows[0]["done"] == rows[0]["total"] == len(meets)
+    cells = chunk_map(queue, masked.run, "inference", grid, runs=p.tissue.tasks)
+    codes = "".join(cells["bands"])                     # x fastest, one band per z task
+    assert {codes[i] for i in meets} == {str(DONE)}     # the console's map: skipped apart
+    assert {codes[i] for i in set(range(len(grid))) - meets} == {str(SKIPPED)}
+    assert cells["counts"]["skipped"] == len(grid) - len(meets)
     queue.close()
 
     ref, out = _output(tmp_path, "full"), _output(tmp_path, "masked")

@@ -16,12 +16,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .queues import DEAD, DONE, LEASED, PENDING, STATE_NAMES, UNPUBLISHED, TaskQueue
+from .queues import DEAD, DONE, LEASED, PENDING, SKIPPED, STATE_NAMES, UNPUBLISHED, TaskQueue
 from .segmentation import STEPS
 
 _KIND_ORDER = {"inference": 0, "blend": 1, "segmentation": 2, "downsample": 3}
 # a map cell that stands for several tasks shows the least finished of them
-_BY_RANK = np.array([DEAD, LEASED, PENDING, UNPUBLISHED, DONE], np.uint8)  # rank -> code
+_BY_RANK = np.array([DEAD, LEASED, PENDING, UNPUBLISHED, DONE, SKIPPED], np.uint8)  # rank -> code
 _PRIORITY = np.argsort(_BY_RANK).astype(np.uint8)   # code -> rank (lower shows first)
 
 
@@ -117,7 +117,7 @@ def _reduce(cells: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
     fx, fy, fz = factor
     z, y, x = cells.shape
     ranks = np.full((math.ceil(z / fz) * fz, math.ceil(y / fy) * fy, math.ceil(x / fx) * fx),
-                    _PRIORITY[DONE], np.uint8)
+                    len(_BY_RANK) - 1, np.uint8)          # padding hides nothing
     ranks[:z, :y, :x] = _PRIORITY[cells]
     zz, yy, xx = (n // f for n, f in zip(ranks.shape, (fz, fy, fx)))
     ranks = ranks.reshape(zz, fz, yy, fy, xx, fx).min(axis=(1, 3, 5))
@@ -125,13 +125,17 @@ def _reduce(cells: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
 
 
 def chunk_map(queue: TaskQueue, run: str, stage: str, grid,
-              max_cells: int = 1 << 16, max_bands: int = 32) -> dict:
+              max_cells: int = 1 << 16, max_bands: int = 32,
+              runs: Optional[np.ndarray] = None) -> dict:
     """The stage's tasks as x-y tiles per z band, each a state code (`STATE_NAMES`). A
     grid that is not a full lattice (blend bands) shows its tasks in index order, rows of
     `ceil(sqrt(n))`. Large grids are reduced: a cell is a block of tasks, shown in its least
-    finished state (dead before leased before pending)."""
+    finished state (dead before leased before pending). `runs`: per task, whether the mask
+    lets it run — the others are `skipped`, not `unpublished` (they never will be)."""
     n = len(grid)
     states = queue.task_states(run, stage, n)
+    if runs is not None:
+        states[~runs & (states == UNPUBLISHED)] = SKIPPED
     shape = _lattice(grid)
     if shape is None:
         side = max(1, math.ceil(math.sqrt(n)))

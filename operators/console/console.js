@@ -1,6 +1,6 @@
 // Shared by the console pages: the API base, fetch helpers and formatting.
 const BASE = location.pathname.slice(0, location.pathname.indexOf("/voxflow/") + 8);
-const STATE_COLOURS = ["#cbd5e0", "#3182ce", "#38a169", "#e53e3e", "#f7fafc"];  // pending leased done dead unpublished
+const STATE_COLOURS = ["#cbd5e0", "#3182ce", "#38a169", "#e53e3e", "#f7fafc", "#2d3748"];  // pending leased done dead unpublished skipped
 
 async function api(path, options) {
   const r = await fetch(BASE + "/api" + path, Object.assign({credentials: "same-origin"}, options || {}));

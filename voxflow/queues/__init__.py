@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
 ACTIVE = "active"
 ENDED = ("succeeded", "failed", "cancelled")
-# a task's state, as `task_states` codes it (SQLite stores the first four)
-PENDING, LEASED, DONE, DEAD, UNPUBLISHED = 0, 1, 2, 3, 4
-STATE_NAMES = ("pending", "leased", "done", "dead", "unpublished")
+# a task's state, as `task_states` codes it (SQLite stores the first four); SKIPPED: never
+# published because the run's mask leaves it out (the chunk map's code, not a queue's)
+PENDING, LEASED, DONE, DEAD, UNPUBLISHED, SKIPPED = 0, 1, 2, 3, 4, 5
+STATE_NAMES = ("pending", "leased", "done", "dead", "unpublished", "skipped")
 
 
 @dataclass(frozen=True)
