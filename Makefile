@@ -29,8 +29,12 @@ demo-cli: setup
 airflow: setup
 	$(PY) -m operators.local
 
+# Two processes (pytest-xdist): the Airflow-bound tests share one (tests/conftest.py groups
+# them, so their Airflow starts once), the others spread over both. `make test TESTS=-n0`
+# runs them in one process.
+TESTS ?= -n 2 --dist loadgroup
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TESTS)
 
 bench: setup
 	$(PY) bench/inference.py

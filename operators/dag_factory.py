@@ -5,14 +5,14 @@ A pipeline file is a run config (docs/config.md) plus pipeline keys
 `description`, `tags`, `approve_above_usd`. Parsing reads the YAML and validates it without
 I/O: no storage or queue calls at parse time.
 
-Every DAG has a task group for every kind of stage the form can ask for, whatever its YAML
-says: the trigger form can ask for stages the YAML does not have (`blend: overlap` over a
-crop pipeline, `mips: 2` over `mips: 0`), and a run must produce exactly what its effective
-parameters ask. A group the run does not need skips itself (its publish task raises a
-skip), so the next group and finalize run on `none_failed`. The segmentation group is the
-exception: the form has no `segmentation` keys, so only a YAML with a `segmentation:`
-section gets it (in run order: after blend, before downsample), and the plan task refuses
-a run whose parameters ask for a stage kind its DAG has no group for.
+Every DAG has a task group for every kind of stage, in run order (`KINDS`), whatever its
+YAML says: the trigger form can ask for stages the YAML does not have (`blend: overlap` over
+a crop pipeline, `mips: 2` over `mips: 0`, a `normalize.per_section` or
+`segmentation.output` over a YAML without them), and a run must produce exactly what its
+effective parameters ask. The plan task skips the groups the run does not need (every task
+of them, in one call to the scheduler: no task process starts for them), so the next group
+and finalize run on `none_failed`; a publish task reached anyway (a cleared DAG run) skips
+its group itself.
 
 A pipeline with `approve_above_usd` has one more task, the cost gate (`operators/gate.py`),
 between `plan` and the first group: a run estimated above it waits for a person's approval.
@@ -39,8 +39,8 @@ from .pipeline import (FinalizeOperator, PlanRunOperator, PublishStageOperator,
                        ScaleWorkersOperator, WaitForStageOperator)
 from .triggers import FileDigestTrigger
 
-KINDS = ("inference", "blend", "downsample")        # every DAG's groups
-RUN_ORDER = ("inference", "blend", "segmentation", "downsample")
+KINDS = ("levels", "inference", "blend", "segmentation", "downsample")  # groups, run order
+GROUP_TASKS = ("publish", "scale_up", "wait", "scale_down")
 START = datetime(2026, 1, 1)
 # Every voxflow task is idempotent, so a retry is always safe; it also rides out an
 # executor hiccup (a deferred task resumed while its previous process's exit is still being
@@ -70,12 +70,6 @@ def _schedule(dag_id: str, keys: PipelineKeys, watched: list[str]) -> Any:
     return assets or keys.schedule
 
 
-def dag_kinds(config) -> list[str]:
-    """The DAG's stage groups in run order: every kind the form can ask for, and the
-    segmentation when the pipeline file has a `segmentation:` section."""
-    return [k for k in RUN_ORDER if k in KINDS or (k == "segmentation" and config.segmentation)]
-
-
 def build_dag(path: Path) -> DAG:
     path = Path(path)
     keys, config = load_pipeline(path)
@@ -86,14 +80,15 @@ def build_dag(path: Path) -> DAG:
              catchup=keys.catchup, params=config_params(config), description=description,
              tags=["voxflow", *keys.tags], max_active_runs=4,
              doc_md=f"Pipeline `{path.name}`. {description}", default_args=DEFAULT_ARGS) as dag:
-        kinds = dag_kinds(config)
+        groups = {kind: [f"{kind}.{task}" for task in GROUP_TASKS] for kind in KINDS}
         previous = PlanRunOperator(task_id="plan", base_dir=str(path.parent.resolve()),
-                                   fixed=fixed_config(config), kinds=kinds)
+                                   fixed=fixed_config(config), groups=groups)
         if keys.approve_above_usd is not None:      # the cost gate, before anything starts
             gate = CostGateOperator(task_id=GATE_TASK, approve_above_usd=keys.approve_above_usd)
             previous >> gate
             previous = gate
-        for kind in kinds:
+        start, groups_before = previous, []
+        for kind in KINDS:
             with TaskGroup(kind) as group:
                 publish = PublishStageOperator(task_id="publish", kind=kind,
                                                trigger_rule="none_failed")
@@ -104,10 +99,14 @@ def build_dag(path: Path) -> DAG:
                 # succeeded, and a run cancelled while scale_up is still running marks
                 # scale_up failed after it may have started workers
                 publish >> scale_up >> wait >> scale_down.as_teardown(setups=[publish, scale_up])
-            previous >> group
-            previous = group
-        previous >> FinalizeOperator(task_id="finalize", trigger_rule="none_failed",
-                                     outlets=[output_alias(dag_id)])
+            # after the start and after *every* earlier group, not only the one before: the
+            # plan skips the groups a run does not need, and a group after a skipped one
+            # must still wait for the groups that run (none_failed counts skipped as done)
+            [start, *groups_before] >> group
+            groups_before.append(group)
+        [start, *groups_before] >> FinalizeOperator(task_id="finalize",
+                                                    trigger_rule="none_failed",
+                                                    outlets=[output_alias(dag_id)])
     return dag
 
 

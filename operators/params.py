@@ -3,10 +3,14 @@ JSON schema.
 
 Each per-run leaf of the config becomes one Param named by its dotted path
 (`inference.chunk`), grouped in the form by section in the order a run uses them (volume,
-model, inference, output, downsample, workers), with the pipeline YAML's value as default and
-the field's description. What belongs to the deployment — queue, prices and throughputs,
-where and on what machines workers run — is not in the form: it stays as the pipeline YAML
-says (`fixed_config`), and an API caller may still override any dotted key in the run's conf.
+mask, normalize, model, inference, output, segmentation, downsample, workers), with the
+pipeline YAML's value as default and the field's description. An optional section (`mask`,
+`normalize`, `segmentation`) is on when its switch is set (`SWITCHES`: a layer, or a
+checkbox) and left out when it is empty, whatever its other keys say; a section the YAML
+lacks shows its fields' own defaults, so the form can turn it on. What belongs to the
+deployment — queue, prices and throughputs, where and on what machines workers run — is not
+in the form: it stays as the pipeline YAML says (`fixed_config`), and an API caller may
+still override any dotted key in the run's conf.
 An `[x, y, z]` is a one-line field ("64 64 8", "64, 64, 8" or JSON), a list of choices
 (`augment`) a multi-select, a list of sections (`postprocess`) a JSON field validated
 against the sections' own schema. `config_from_params`
@@ -29,13 +33,21 @@ _SCHEMA_KEYS = ("type", "enum", "items", "minItems", "maxItems", "minimum", "max
 SECTIONS = (
     ("volume", ("input", "mip", "bbox.", "input_missing")),
     ("mask", ("mask.", "skip_empty")),
+    ("normalize", ("normalize.",)),
     ("model", ("model.",)),
     ("inference", ("inference.", "augment")),
     ("output", ("output", "postprocess", "output_dtype", "storage_chunk", "sharding",
                 "shard_bytes")),
+    # dtype (uint32 holds 4e9 objects; the merge pass names it) and chunk stay in the YAML
+    ("segmentation", ("segmentation.output", "segmentation.channel", "segmentation.threshold",
+                      "segmentation.invert", "segmentation.connectivity",
+                      "segmentation.min_size")),
     ("downsample", ("downsample.",)),
     ("workers", ("workers.inference.max", "workers.blend.max", "workers.downsample.max")),
 )
+# optional section -> the key that turns it on: empty (None, "", unchecked) leaves it out
+SWITCHES = {"mask": "mask.layer", "normalize": "normalize.per_section",
+            "segmentation": "segmentation.output"}
 _VECTOR = re.compile(r"^\s*\[?\s*(-?\d+)\s*[,\s]\s*(-?\d+)\s*[,\s]\s*(-?\d+)\s*\]?\s*$")
 
 
@@ -89,7 +101,7 @@ def _leaves(props: dict, defs: dict, prefix: str = "") -> Iterator[tuple[str, di
         if target.get("type") == "object" and "properties" in target:
             yield from _leaves(target["properties"], defs, f"{prefix}{name}.")
         else:
-            yield f"{prefix}{name}", {**_leaf_schema(node, defs),
+            yield f"{prefix}{name}", {**_leaf_schema(node, defs), "default": node.get("default"),
                                       "description": node.get("description")
                                       or target.get("description", "")}
 
@@ -132,7 +144,11 @@ def config_params(config: RunConfig) -> dict[str, Param]:
                 continue
             leaf = dict(leaf)
             description = leaf.pop("description", "")
-            default = _get(values, key)
+            default, own = _get(values, key), leaf.pop("default")
+            section = key.split(".")[0]
+            if section in SWITCHES and values.get(section) is None:      # the YAML lacks it
+                default = (False if leaf.get("type") == "boolean" else None) \
+                    if key == SWITCHES[section] else own
             if default is None and "null" not in leaf.get("type", []):
                 leaf["type"] = [leaf.get("type", "string"), "null"]
             leaf, default = _one_line(leaf, default)
@@ -177,7 +193,13 @@ def _nest(flat: Mapping[str, Any], into: dict | None = None) -> dict:
 
 def config_from_params(params: Mapping[str, Any], fixed: Mapping | None = None) -> dict:
     """Nested config mapping from flat dotted params over the `fixed` part; unset (None)
-    leaves are left out so their defaults are derived as in a YAML file."""
+    leaves are left out so their defaults are derived as in a YAML file, and so is an
+    optional section whose switch is empty (with what the YAML fixed of it)."""
     nested = json.loads(json.dumps(fixed or {}))
-    return _nest({key: _vector(value) for key, value in params.items()
-                  if value is not None and not key.startswith("_")}, nested)
+    flat = {key: _vector(value) for key, value in params.items()
+            if value is not None and not key.startswith("_")}
+    for section, switch in SWITCHES.items():
+        if switch in params and params[switch] in (None, "", False):
+            nested.pop(section, None)
+            flat = {k: v for k, v in flat.items() if not k.startswith(section + ".")}
+    return _nest(flat, nested)

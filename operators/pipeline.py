@@ -85,11 +85,11 @@ class PlanRunOperator(BaseOperator):
     ui_color = "#e8f0fe"
 
     def __init__(self, *, base_dir: str, fixed: Optional[dict] = None,
-                 kinds: Optional[list[str]] = None, **kwargs):
+                 groups: Optional[dict[str, list[str]]] = None, **kwargs):
         super().__init__(**kwargs)
         self.base_dir = base_dir
         self.fixed = fixed or {}             # what the form does not show (`fixed_config`)
-        self.kinds = kinds                   # the DAG's stage groups (None: any)
+        self.groups = groups                 # the DAG's stage groups: kind -> task ids
 
     def execute(self, context) -> dict:
         from voxflow.cli import bill_lines
@@ -102,11 +102,10 @@ class PlanRunOperator(BaseOperator):
             config = parse_config(config_from_params(context["params"], self.fixed),
                                   base_dir=self.base_dir)
             p = plan(config)
-            missing = sorted({stage_kind(s) for s in stage_names(p)} - set(self.kinds)) \
-                if self.kinds is not None else []
+            kinds = {stage_kind(s) for s in stage_names(p)}
+            missing = sorted(kinds - set(self.groups)) if self.groups is not None else []
             if missing:
-                raise ConfigError(missing[0], f"this DAG has no {missing[0]} group (its "
-                                  f"pipeline file has no `{missing[0]}:` section)")
+                raise ConfigError(missing[0], f"this DAG has no {missing[0]} group")
         except ConfigError as exc:
             # kept for the console's DAG-run tab: the refusal where the user looks
             from .listeners import REFUSED_KEY       # the DAG run's note (listeners.py)
@@ -120,18 +119,28 @@ class PlanRunOperator(BaseOperator):
             "dag_run_id": context["run_id"]})
         self.log.info("run %s: %s voxels, stages %s, output %s, model %s", run, p.bbox.size,
                       stage_names(p), config.output, meta["model_digest"])
-        return {"run": run, "config": config.model_dump_json(), "stages": stage_names(p),
-                "voxels": p.bbox.size, "started": time.time(),
-                "model_digest": meta["model_digest"], "bill": estimate}
+        result = {"run": run, "config": config.model_dump_json(), "stages": stage_names(p),
+                  "voxels": p.bbox.size, "started": time.time(),
+                  "model_digest": meta["model_digest"], "bill": estimate}
+        unneeded = [task for kind, tasks in (self.groups or {}).items() if kind not in kinds
+                    for task in tasks]
+        if unneeded:
+            # the groups this run has no stage of are skipped now, by the scheduler: no
+            # task process starts only to find out (a publish still skips itself when a
+            # cleared DAG run reaches it)
+            from airflow.sdk.exceptions import DownstreamTasksSkipped
+            context["ti"].xcom_push(key="return_value", value=result)
+            raise DownstreamTasksSkipped(tasks=unneeded)
+        return result
 
 
 class PublishStageOperator(BaseOperator):
     """Publish the first stage of a kind (later passes are published by the wait task).
 
     Every DAG has a group for every kind, because the trigger form may ask for stages its
-    YAML does not have (`blend: overlap` over a crop pipeline, `mips: 2` over `mips: 0`); a
-    run without a stage of this kind (crop mode, no mips, nothing to blend) skips the group,
-    which costs no worker slot."""
+    YAML does not have (`blend: overlap` over a crop pipeline, `mips: 2` over `mips: 0`); the
+    plan task skips the groups of kinds the run has no stage of (crop mode, no mips, nothing
+    to blend), and this task skips its group too if a cleared DAG run reaches it."""
 
     def __init__(self, *, kind: str, **kwargs):
         super().__init__(**kwargs)
@@ -248,6 +257,27 @@ class WaitForStageOperator(BaseOperator):
             end_run(self._context, "cancelled")
 
 
+def _check_complete(config, run: str, info: dict) -> None:
+    """Refuse to call a run succeeded unless every stage the plan listed has all its planned
+    tasks done (none open, none dead): whatever the DAG's wiring or a person's clicks let
+    run, success means every voxel asked for was computed. Nothing is deleted first."""
+    queue = _open_queue(config)
+    try:
+        stats = queue.stats(run)
+    finally:
+        queue.close()
+    planned = (info.get("bill") or {}).get("tasks", {})
+    for name in info["stages"]:
+        s = stats.get(name)
+        want = planned.get(name, s.total if s else None)
+        if s is None or s.open or s.dead or s.done != s.total or s.total != want:
+            got = f"{s.done} of {s.total} done, {s.open} open, {s.dead} dead" if s else \
+                "never published"
+            raise AirflowFailException(f"run {run} is not complete: stage {name}: {got} "
+                                       f"(planned {want}); it is not declared succeeded and "
+                                       "its temporary data is kept")
+
+
 class FinalizeOperator(BaseOperator):
     """The run's summary: voxels, tasks per stage, duration, what was spent beside the
     plan's bill, where to look. Deletes an overlap-mode run's temporary partial sums (unless
@@ -266,6 +296,7 @@ class FinalizeOperator(BaseOperator):
         from voxflow.view import neuroglancer_link, view_link
         info = context["ti"].xcom_pull(task_ids=PLAN_TASK)
         run, config = _run(context)
+        _check_complete(config, run, info)
         used = spent(config, run)                # counts the partial sums: before deleting
         if has_temporary(config) and not config.inference.keep_temporary:
             delete_temporary(config, run)

@@ -402,8 +402,8 @@ def api_retry(run: str, request: Request, user: GetUserDep, body: RetryBody,
         q.close()
     result = {"retried": retried, "resumed": None}
     if retried and who.get("driver") == "airflow":
-        first = min({stage_kind(d.stage) for d in dead},
-                    key=("inference", "blend", "segmentation", "downsample").index)
+        from .dag_factory import KINDS
+        first = min({stage_kind(d.stage) for d in dead}, key=KINDS.index)
         error = _clear_dag_run(request, who, first)
         result["resumed"] = error is None
         if error:

@@ -164,3 +164,16 @@ def browser():
     """Debian's chromium through Playwright (never a downloaded browser)."""
     from console_support import start_browser
     yield from start_browser()
+
+
+# `make test` runs the suite on two xdist workers. Tests that start an Airflow share one
+# worker (module and session fixtures start it once there, not once per worker); the
+# worker-process tests spread over both, beside them.
+AIRFLOW_MODULES = {"test_airflow.py", "test_console.py", "test_console_pipelines.py",
+                   "test_cost_gate.py", "test_restarts.py"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.path.name in AIRFLOW_MODULES:
+            item.add_marker(pytest.mark.xdist_group("airflow"))

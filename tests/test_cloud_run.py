@@ -1,6 +1,7 @@
 """Google Cloud backends together: a whole run on gs:// layers (GCS emulator) with a Pub/Sub
 queue (emulator) whose ledger is on gs:// too, served by worker processes, one of them killed
-mid-stage; and what the Pub/Sub queue sends and cleans up."""
+mid-stage, with a segmentation layer on gs:// as well; and what the Pub/Sub queue sends and
+cleans up."""
 import json
 import os
 
@@ -13,7 +14,7 @@ from voxflow.queues.pubsub import PubSubQueue, dead_letter_attempts, run_token
 from voxflow.runner import run
 from voxflow.volume import Volume
 
-from conftest import SmallConv, sigkill, worker_pids, write_config
+from conftest import INLINE, SmallConv, sigkill, worker_pids, write_config
 
 
 def _layer(url: str, data: np.ndarray, offset=(3, 5, 1), chunk=(16, 16, 4)) -> None:
@@ -33,6 +34,7 @@ def _topics(project: str, prefix: str) -> list[str]:
 def test_run_on_gs_with_pubsub_and_worker_processes(tmp_path, gcs, pubsub):
     img = (np.random.default_rng(7).random((1, 12, 44, 72)) * 255).astype(np.uint8)
     gs_in, gs_out, ledger = gcs.path("img"), gcs.path("out"), gcs.path("ledger")
+    gs_seg = gcs.path("seg")
     _layer(gs_in, img)
     _layer(f"file://{tmp_path}/img", img)
     torch.jit.script(SmallConv().eval()).save(str(tmp_path / "m.pt"))
@@ -40,11 +42,16 @@ def test_run_on_gs_with_pubsub_and_worker_processes(tmp_path, gcs, pubsub):
     base = dict(model={"path": "m.pt", "input_patch": [16, 16, 8], "output_channels": 2},
                 inference={"chunk": [32, 32, 8], "patch_overlap": [6, 6, 3]},
                 storage_chunk=[16, 16, 4], downsample={"mips": 1})
+    seg = {"channel": 0, "threshold": 0.98, "invert": True, "connectivity": 26}   # ~300 objects
     groups = {kind: {"group": "local://2"} for kind in ("inference", "blend", "downsample")}
     cloud = write_config(tmp_path / "cloud.yaml", input=gs_in, output=gs_out,
                          queue={"url": f"pubsub://test-project/{prefix}?ledger={ledger}",
-                                "lease_seconds": 10}, workers=groups, **base)
-    local = write_config(tmp_path / "local.yaml", input="img", output="out", **base)
+                                "lease_seconds": 10},
+                         workers={**groups, "segmentation": {"group": "local://1"}},
+                         segmentation={"output": gs_seg, **seg}, **base)
+    local = write_config(tmp_path / "local.yaml", input="img", output="out",
+                         workers={**INLINE, "segmentation": "local://0"},
+                         segmentation={"output": "seg", **seg}, **base)
 
     killed = []
 
@@ -75,6 +82,9 @@ def test_run_on_gs_with_pubsub_and_worker_processes(tmp_path, gcs, pubsub):
         got, want = Volume(gs_out, mip), Volume(f"file://{tmp_path}/out", mip)
         a, b = got.read(got.bounds), want.read(want.bounds)
         assert a.any() and np.abs(a - b).max() <= 1e-6, (mip, np.abs(a - b).max())
+        got, want = Volume(gs_seg, mip), Volume(f"file://{tmp_path}/seg", mip)
+        a, b = got.read(got.bounds), want.read(want.bounds)   # deterministic ids: equal
+        assert len(np.unique(a)) > 2 and np.array_equal(a, b), mip
 
     queue = open_queue(config.queue.url)
     stats = queue.stats("cloud")

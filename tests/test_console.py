@@ -23,7 +23,8 @@ def test_console_refuses_anonymous_users(console_airflow):
 
 def test_a_run_triggered_from_the_form_and_watched_in_the_browser(console_airflow, browser):
     """The trigger form shows per-run fields only, in pipeline order, `[x, y, z]` as one-line
-    text; a run triggered from it with a changed chunk runs that chunk. Its DAG run's tab
+    text, the segmentation's keys with no layer (so no segmentation) and the config's
+    defaults; a run triggered from it with a changed chunk runs that chunk. Its DAG run's tab
     follows it to 100 %, the chunk maps all done; the runs page lists it with its DAG run,
     cost and output."""
     af = console_airflow
@@ -32,10 +33,14 @@ def test_a_run_triggered_from_the_form_and_watched_in_the_browser(console_airflo
     page.get_by_role("button", name="Trigger").first.click()
     sections = [b.inner_text() for b in page.query_selector_all(
         "[role=dialog] button[data-part=item-trigger]")]
-    assert sections == ["volume", "mask", "model", "inference", "output", "downsample", "workers",
-                        "Advanced Options"]
+    assert sections == ["volume", "mask", "normalize", "model", "inference", "output",
+                        "segmentation", "downsample", "workers", "Advanced Options"]
     assert not page.query_selector("[id^='element_queue.'], [id^='element_cost.'], "
                                    "[id*='.gce.']")
+    page.get_by_role("button", name="segmentation", exact=True).click()
+    assert page.locator("[id='element_segmentation.output']").input_value() == ""
+    # a number field: the id is the NumberInput's root, the input carries the name
+    assert page.locator("[name='element_segmentation.threshold']").input_value() == "0.5"
     page.get_by_role("button", name="inference").click()
     chunk = page.locator("[id='element_inference.chunk']")
     assert chunk.evaluate("e => e.tagName + ' ' + e.type") == "INPUT text"

@@ -43,17 +43,19 @@ def gate_dagbag(airflow_home, tmp_path_factory):
 
 def test_the_gate_sits_between_plan_and_the_first_group_only_with_the_key(gate_dagbag):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
+    from operators.dag_factory import KINDS
     plain, gated = gate_dagbag.dags["plain"], gate_dagbag.dags["gated"]
     down = {d: {t.task_id: t.downstream_task_ids for t in dag.tasks} for d, dag in
             (("plain", plain), ("gated", gated))}
-    assert GATE not in down["plain"] and down["plain"]["plan"] == {"inference.publish"}
+    first = {f"{k}.publish" for k in KINDS} | {"finalize"}      # every group follows it
+    assert GATE not in down["plain"] and down["plain"]["plan"] == first
     gate = gated.get_task(GATE)
     assert isinstance(gate, ApprovalOperator) and gate.approve_above_usd == 12.5
-    assert gate.upstream_task_ids == {"plan"} and down["gated"][GATE] == {"inference.publish"}
+    assert gate.upstream_task_ids == {"plan"} and down["gated"][GATE] == first
     assert len(gate.params) == 0              # the HITL form asks for nothing but a choice
     # apart from the gate, the gated DAG is the plain one
     del down["gated"][GATE]
-    down["gated"]["plan"] = {"inference.publish"}
+    down["gated"]["plan"] = first
     assert down["gated"] == down["plain"]
     # a negative threshold is refused, naming the file and the key; the others still load
     refused = gate_dagbag.dags["negative"]
@@ -246,7 +248,12 @@ def test_a_gated_run_waits_approve_runs_it_reject_publishes_nothing(console_airf
                lambda: gated.tis(dag_run).get(GATE) == "awaiting_input", 90)
         tis = gated.tis(dag_run)
         assert tis["plan"] == "success" and gated.state(dag_run) == "running"
-        assert all(s is None for t, s in tis.items() if t not in ("plan", GATE)), tis
+        # nothing past the gate ran: the groups the run needs wait, the plan skipped the
+        # others (a crop run: no levels, blend or segmentation; mips 0: no downsample)
+        needs = {"inference", "finalize"} | ({"downsample"} if dag_run == rejected else set())
+        assert {t.split(".")[0] for t, s in tis.items() if s is None} == needs, tis
+        assert {s for t, s in tis.items() if t.split(".")[0] not in needs | {"plan", GATE}
+                } == {"skipped"}, tis
         run, state = gated.queue_run(dag_run)
         assert state.state == "active"
         # while it waits: nothing published, no worker group, no worker

@@ -269,25 +269,27 @@ def test_plan_counts_the_objects_the_stage_writes_and_reads(tmp_path, monkeypatc
     assert_same_objects(seg.read(box)[0], cc3d.connected_components(out > 0.5, connectivity=18))
 
 
-def test_the_dag_has_a_segmentation_group_only_when_the_pipeline_has_segmentation(tmp_path):
+def test_every_dag_has_a_segmentation_group_that_its_plan_may_skip(tmp_path):
+    """The trigger form can ask for a segmentation whatever the YAML says, so every DAG has
+    the group, in run order; the plan task names each group's tasks, to skip those of the
+    kinds a run does not need (tests/test_airflow.py runs it)."""
     from operators.dag_factory import build_dag
     cfg = yaml.safe_load(_config(tmp_path, blobs(0)).read_text())
     (tmp_path / "with.yaml").write_text(yaml.safe_dump(cfg))
     del cfg["segmentation"]
     (tmp_path / "without.yaml").write_text(yaml.safe_dump(cfg))
-    groups = {}
     for name in ("with", "without"):
         dag = build_dag(tmp_path / f"{name}.yaml")
-        down = {t.task_id: t.downstream_task_ids for t in dag.tasks}
-        order, task = [], "plan"
-        while task != "finalize":                 # plan, then each group's wait, onwards
-            group = task.split(".")[0]
-            task = next(t for t in down[task if task == "plan" else f"{group}.wait"]
-                        if t == "finalize" or t.endswith(".publish") and not t.startswith(group))
-            order.append(task.split(".")[0])
-        groups[name] = order
-    assert groups["with"] == ["inference", "blend", "segmentation", "downsample", "finalize"]
-    assert groups["without"] == ["inference", "blend", "downsample", "finalize"]
+        up = {t.task_id: t.upstream_task_ids for t in dag.tasks}
+        # a group's publish follows the plan and the waits of every group before it
+        before = {k: {t.split(".")[0] for t in up[f"{k}.publish"] if t != "plan"}
+                  for k in dag.get_task("plan").groups}
+        order = sorted(before, key=lambda k: len(before[k]))
+        assert order == ["levels", "inference", "blend", "segmentation", "downsample"]
+        assert all(before[k] == set(order[:i]) for i, k in enumerate(order))
+        skips = dag.get_task("plan").groups
+        assert {t for tasks in skips.values() for t in tasks} | {"plan", "finalize"} == \
+            set(dag.task_dict)
 
 
 def test_segmentation_parameters_are_part_of_the_run_identity(tmp_path):

@@ -1,4 +1,4 @@
-"""The `voxflow` command: validate, plan, run, demo."""
+"""The `voxflow` command: validate, plan, run, demo, and the references (config-doc, ops)."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "./demo-output)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("config-doc", help="print the run-config reference (Markdown)")
+    ops = sub.add_parser("ops", help="list the chunk operations a run can compose (mask, "
+                         "augment, postprocess ops, segmentation, ...) with their parameters")
+    ops.add_argument("--markdown", action="store_true", help="print docs/ops.md instead")
     worker = sub.add_parser("worker", help="serve a queue's tasks until stopped or idle")
     worker.add_argument("queue", help="queue URL, e.g. sqlite:///path/queue.db")
     worker.add_argument("--kind", "--stage", action="append", dest="kinds",
@@ -180,6 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "config-doc":
             from .configdoc import config_reference
             print(config_reference(), end="")
+            return 0
+        if args.command == "ops":
+            from .ops import ops_markdown, ops_text
+            print(ops_markdown() if args.markdown else ops_text(), end="")
             return 0
         if args.command == "worker":
             return _worker(args)

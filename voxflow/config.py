@@ -501,6 +501,8 @@ class WorkersConfig(_Section):
     segmentation: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
                                       description="CPU group (the segmentation stage's "
                                       "passes).")
+    levels: GroupConfig = Field(default_factory=lambda: GroupConfig(group="local://2"),
+                                description="CPU group (`normalize`'s levels stages).")
 
 
 PRICES_DATE = "2026-12-01"      # when the default prices below were read
@@ -536,6 +538,10 @@ class ThroughputConfig(_Section):
         "pairs and merge touch only face planes). Default: 1-channel float32 output, "
         "6-connectivity, task boxes of 128x128x64, file:// layers, one worker on a 2-core "
         "VM (bench/segmentation.py, busy seconds).")
+    levels: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        60e6, description="Voxels per second (at normalize.mip) one levels "
+        "worker reads and counts into per-section histograms. Default: uint8, file:// "
+        "layers, one worker on a 2-core VM (bench/normalize.py; uint16: 17 Mvox/s).")
 
 
 class PricesConfig(_Section):
@@ -593,6 +599,32 @@ class MaskConfig(_Section):
     @classmethod
     def _layer(cls, value: str, info: ValidationInfo) -> str:
         return _as_layer_url(value, info, READ_SCHEMES)
+
+
+class LevelsConfig(_Section):
+    """Per-section contrast: each z section's percentile window, from one histogram of the
+    whole section over the bbox (voxflow/levels.py), so chunks show no seams."""
+
+    per_section: Literal[True] = Field(True, description="Levels per z section (the only "
+                                       "mode; omit `normalize` for none).")
+    clip_percent: Annotated[list[Annotated[float, Field(ge=0, le=100)]],
+                            Field(min_length=2, max_length=2)] = Field(
+        [1.0, 99.0], description="Percentiles [low, high] of a section's voxels (exact data "
+        "values at those ranks) that map to 0 and to the input dtype's maximum; values "
+        "outside are clipped, then the model's own normalize applies. skip_empty tests the "
+        "values after this.")
+    mip: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="Input mip the "
+                                                       "histograms are taken at (coarser: "
+                                                       "fewer voxels read); it must keep "
+                                                       "the run's z sections. Default: the "
+                                                       "run's mip.")
+
+    @field_validator("clip_percent")
+    @classmethod
+    def _ordered(cls, value: list[float]) -> list[float]:
+        if value[0] >= value[1]:
+            raise ValueError(f"{value}: low must be below high")
+        return value
 
 
 class SegmentationConfig(_Section):
@@ -682,6 +714,9 @@ class RunConfig(_Section):
         "power-of-two number of storage chunks, the same at every mip). 64 MiB keeps a "
         "teravoxel of 3-channel uint8 near 6*10^4 objects and a downsample task (a shard "
         "times the factor) within memory_target.")
+    normalize: Optional[LevelsConfig] = Field(
+        None, description="Per-section contrast normalisation of integer inputs (uint8, "
+        "uint16), a `levels` stage before inference. Default: none.")
     segmentation: Optional[SegmentationConfig] = Field(
         None, description="A segmentation stage after inference and blending: threshold, "
         "connected components consistent across tasks, its own layer and pyramid. Default: "
@@ -774,7 +809,7 @@ class RunConfig(_Section):
 
     def _reachable_from_vms(self) -> None:
         """Workers on Compute Engine VMs see only what is in the cloud: refuse local paths."""
-        cloud = [k for k in ("inference", "blend", "downsample", "segmentation")
+        cloud = [k for k in ("inference", "blend", "downsample", "segmentation", "levels")
                  if _gce_member(getattr(self.workers, k).group)]
         if not cloud:
             return

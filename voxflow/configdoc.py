@@ -35,8 +35,9 @@ def _type(annotation: Any) -> str:
                             .split(","))
     if "list[str]" in text:
         return "list of str"
-    if "list[" in text:           # a vector (Size3, NonNeg3: 3 long), or a list of ints
-        return "[x, y, z]" if "max_length=3" in text else "list of int"
+    if "list[" in text:           # a vector (Size3, NonNeg3: 3 long), or a list of numbers
+        return "[x, y, z]" if "max_length=3" in text else \
+            "list of float" if "float" in text else "list of int"
     for name in ("int", "float", "str", "bool"):
         if text.lstrip("[").startswith(name):
             return name

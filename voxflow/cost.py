@@ -282,6 +282,34 @@ def segmentation_temporary_bytes(p: Plan) -> int:
     return 2 * planes * 4                                  # two faces per axis, uint32
 
 
+def levels_objects(p: Plan) -> dict[str, int]:
+    """The levels stages' objects (`normalize:`): written, a histogram per levels task and
+    windows per slab; read, each histogram once (its slab's merge) and by every inference
+    task that runs the windows of each slab its read meets inside the input; and the input's
+    chunks at `normalize.mip` the levels tasks read (tasks on the chunk grid: each once)."""
+    lv = p.levels
+    if lv is None:
+        return {"temporary_written": 0, "temporary_read": 0, "input_read": 0}
+    lo, hi = p.input_bounds.start[2], p.input_bounds.stop[2]
+    per_axis = [[1] * n for n in p.grid.counts[:2]] + [
+        [len(lv.slab_range(max(a, lo), min(b, hi))) for a, b in _read_ranges(p)[2]]]
+    reads = math.prod(sum(t) for t in per_axis) if p.tissue is None \
+        else round(p.tissue.masked_sum(per_axis))
+    chunks = _product_sum(_axis_ranges(lv.grid, lv.grid.box), lambda x, a, b: _axis_chunks(
+        a, b, lv.grid.origin[x], lv.chunk[x]))
+    return {"temporary_written": len(lv.grid) + len(lv.slabs),
+            "temporary_read": len(lv.grid) + reads, "input_read": chunks}
+
+
+def levels_bytes(p: Plan) -> int:
+    """The histograms, uncompressed (bins per section of each task's box) and windows."""
+    if p.levels is None:
+        return 0
+    sections = p.levels.box.shape[2]
+    return len(p.levels.grid) // len(p.levels.slabs) * sections * p.levels.bins * 4 \
+        + sections * 16
+
+
 # -- compute ---------------------------------------------------------------------------------
 def _lattice(cfg: RunConfig):
     m = cfg.model
@@ -328,6 +356,8 @@ def worker_seconds(p: Plan) -> dict[str, float]:
     if isinstance(p.grid, OverlapGrid) and "blend" in stage_names(p):
         blended = p.bbox.size if p.shard_shapes is not None else p.grid.band_voxels()
         out["blend"] = blended / thr.blend
+    if p.levels is not None:               # the histograms' reads (the merge is small)
+        out["levels"] = p.levels.box.size / thr.levels
     if p.segmentation is not None:         # all four passes, priced by the bbox's voxels
         out["segmentation"] = p.bbox.size / thr.segmentation
     pyramids = p.downsample + (p.segmentation.downsample if p.segmentation else ())
@@ -373,20 +403,21 @@ def bill(p: Plan, input_chunk=None) -> dict:
     n_tasks = sum(tasks.values())
     seconds = worker_seconds(p)
     hours = {k: s / 3600 for k, s in seconds.items()}
-    seg = segmentation_objects(p)
-    temp_objects = temporary_objects(p) + seg["temporary_written"]
-    temp_bytes = temporary_bytes(p) + segmentation_temporary_bytes(p)
+    seg, lv = segmentation_objects(p), levels_objects(p)
+    temp_objects = temporary_objects(p) + seg["temporary_written"] + lv["temporary_written"]
+    temp_bytes = temporary_bytes(p) + segmentation_temporary_bytes(p) + levels_bytes(p)
     written = {"output": output_objects(p), "segmentation": output_objects(p, "segmentation"),
                "temporary": temp_objects, "queue": LEDGER_WRITES * n_tasks}
-    read = {"input": input_reads(p, input_chunk), "output": output_reads(p) + seg["output_read"],
+    read = {"input": input_reads(p, input_chunk) + lv["input_read"],
+            "output": output_reads(p) + seg["output_read"],
             "segmentation": output_reads(p, "segmentation"),
-            "temporary": temporary_reads(p) + seg["temporary_read"],
+            "temporary": temporary_reads(p) + seg["temporary_read"] + lv["temporary_read"],
             "queue": LEDGER_READS * n_tasks}
     stored, stored_seg = output_bytes(p), output_bytes(p, "segmentation")
     # partial sums wait from the first inference task to the last blend task, at most: the
     # two stages' worker-hours over their groups' most workers
     held = sum(hours.get(k, 0.0) / max(1, getattr(cfg.workers, k).max)
-               for k in ("inference", "blend", "segmentation")) if temp_bytes else 0.0
+               for k in ("levels", "inference", "blend", "segmentation")) if temp_bytes else 0.0
     writes = sum(written["output"]) + sum(written["segmentation"]) + temp_objects \
         + written["queue"]
     reads = sum(read.values())
@@ -510,7 +541,7 @@ def spent(config: RunConfig, run: str, log_dir: Optional[Path] = None) -> dict:
     sessions = worker_sessions(log_dir or voxflow_home() / "logs" / run)
     workers = {}
     reported: Optional[list[dict]] = None
-    for kind in ("inference", "blend", "segmentation", "downsample"):
+    for kind in ("levels", "inference", "blend", "segmentation", "downsample"):
         urls = getattr(config.workers, kind).urls
         group = " + ".join(urls)
         if not all(u.startswith("local://") for u in urls):   # (a hybrid's local workers

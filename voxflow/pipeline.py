@@ -7,8 +7,10 @@ the driver (`voxflow.runner`) build on the `Plan`.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
@@ -17,6 +19,7 @@ from .config import ConfigError, RunConfig
 from .downsample import DownsamplePass, mip_bounds, plan_downsample
 from .geometry import Box, Vec3
 from .grids import ChunkGrid, OverlapGrid
+from .levels import DTYPES, LevelsPlan, plan_levels
 from .mask import MaskCoverageError, TissueMap
 from .sharding import shard_shape, sharding_spec, spec_bytes
 from .volume import LayerNotFound, Volume
@@ -58,6 +61,7 @@ class Plan:
     shard_bytes: Optional[int] = None                 # a full shard's, uncompressed
     tissue: Optional[TissueMap] = None                # `mask:`; None: every task runs
     segmentation: Optional[SegmentationPlan] = None   # `segmentation:`
+    levels: Optional[LevelsPlan] = None               # `normalize:`
 
     def runs(self, index: int) -> bool:
         """Whether inference task `index` meets tissue (is published and run)."""
@@ -116,8 +120,42 @@ def plan(config: RunConfig, model: Optional[Model] = None, check_model: bool = T
     tissue = _tissue(config, bbox, source.resolution, grid) if config.mask else None
     seg = _segmentation(config, bounds, bbox, source.resolution) if config.segmentation \
         else None
-    return Plan(config, bbox, bounds, source.num_channels, str(source.dtype), source.resolution,
-                grid, tuple(passes), shards, shard_bytes, tissue, seg)
+    p = Plan(config, bbox, bounds, source.num_channels, str(source.dtype), source.resolution,
+             grid, tuple(passes), shards, shard_bytes, tissue, seg)
+    return replace(p, levels=_levels(p, source)) if config.normalize else p
+
+
+def _levels(p: Plan, source: Volume) -> LevelsPlan:
+    """Where `normalize`'s histograms are taken: the bbox's xy at `normalize.mip`, every z
+    section an inference task reads (context included) inside the input. Refuses a dtype
+    without exact histograms, and a mip that merges or shifts z sections."""
+    from .stages import crop_read_box                    # (stages import this module)
+    norm = p.config.normalize
+    if p.input_dtype not in DTYPES or p.input_channels != 1:
+        raise ConfigError("normalize", f"needs a one-channel {' or '.join(DTYPES)} input "
+                          f"(exact histograms); {p.config.input} is {p.input_channels}-channel "
+                          f"{p.input_dtype}")
+    mip = p.config.mip if norm.mip is None else norm.mip
+    layer = open_layer(p.config.input, "input")
+    if mip >= layer.num_mips:
+        raise ConfigError("normalize.mip", f"{mip} is not a mip of the input (it has mips "
+                          f"0..{layer.num_mips - 1})")
+    coarse = layer.at_mip(mip)
+    if (coarse.resolution[2], coarse.bounds.start[2], coarse.bounds.stop[2]) != \
+            (source.resolution[2], source.bounds.start[2], source.bounds.stop[2]):
+        raise ConfigError("normalize.mip", f"{mip}: its z sections (resolution "
+                          f"{coarse.resolution[2]}, bounds {coarse.bounds}) are not the run's "
+                          f"(resolution {source.resolution[2]}, bounds {source.bounds})")
+    read = p.grid.read_box if isinstance(p.grid, OverlapGrid) else \
+        (lambda i: crop_read_box(p, i))
+    z0 = max(read(0).start[2], p.input_bounds.start[2])
+    z1 = min(read(len(p.grid) - 1).stop[2], p.input_bounds.stop[2])
+    scale = [Fraction(r) / Fraction(rc) for r, rc in zip(source.resolution, coarse.resolution)]
+    box = Box([math.floor(a * f) for a, f in zip(p.bbox.start[:2], scale)] + [z0],
+              [math.ceil(b * f) for b, f in zip(p.bbox.stop[:2], scale)] + [z1]
+              ).intersect(coarse.bounds)
+    return plan_levels(mip, box, coarse.bounds.start, coarse.chunk, norm.clip_percent,
+                       p.input_dtype)
 
 
 def _segmentation(config: RunConfig, bounds: Box, bbox: Box, resolution) -> SegmentationPlan:

@@ -19,15 +19,15 @@ import numpy as np
 from .queues import DEAD, DONE, LEASED, PENDING, SKIPPED, STATE_NAMES, UNPUBLISHED, TaskQueue
 from .segmentation import STEPS
 
-_KIND_ORDER = {"inference": 0, "blend": 1, "segmentation": 2, "downsample": 3}
+_KIND_ORDER = {"levels": 0, "inference": 1, "blend": 2, "segmentation": 3, "downsample": 4}
 # a map cell that stands for several tasks shows the least finished of them
 _BY_RANK = np.array([DEAD, LEASED, PENDING, UNPUBLISHED, DONE, SKIPPED], np.uint8)  # rank -> code
 _PRIORITY = np.argsort(_BY_RANK).astype(np.uint8)   # code -> rank (lower shows first)
 
 
 def stage_order(name: str) -> tuple:
-    """The order stages run in: inference, blend, segmentation-label … -relabel,
-    downsample-0, downsample-1, …, downsample-segmentation-0, …"""
+    """The order stages run in: levels, levels-merge, inference, blend, segmentation-label
+    … -relabel, downsample-0, downsample-1, …, downsample-segmentation-0, …"""
     kind, _, rest = name.partition("-")
     layer, _, number = rest.rpartition("-")
     if kind == "segmentation" and rest in STEPS:

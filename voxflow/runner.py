@@ -11,8 +11,8 @@ tasks already done, as long as the output layer still exists (a run that has to 
 output forgets the run's old done records). A stage with dead tasks stops the run:
 later stages would read incomplete data. In overlap mode the run's temporary partial sums are
 deleted once every stage has succeeded (unless `inference.keep_temporary`), as are the
-segmentation's objects; a failed or interrupted run keeps them, so resuming it skips the work
-already done.
+segmentation's objects and the levels (`normalize:`); a failed or interrupted run keeps
+them, so resuming it skips the work already done.
 """
 from __future__ import annotations
 
@@ -160,8 +160,9 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, run_id: Optional
 
 def has_temporary(config: RunConfig) -> bool:
     """Whether a run leaves temporary data: overlap mode's partial sums, the segmentation's
-    faces, pairs and table."""
-    return config.inference.blend == "overlap" or config.segmentation is not None
+    faces, pairs and table, the levels' histograms and windows."""
+    return config.inference.blend == "overlap" or config.segmentation is not None \
+        or config.normalize is not None
 
 
 def delete_temporary(config: RunConfig, run_id: str) -> None:

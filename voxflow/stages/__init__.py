@@ -6,7 +6,8 @@ writes, on its way to host memory) and `write` (the writes: behind the next task
 All are idempotent: re-running a task writes the same bytes to the same places, so
 at-least-once delivery is harmless.
 
-A run's stages, in the order they run, one module each: `inference` (crop mode
+A run's stages, in the order they run, one module each: with `normalize:` the levels
+(`levels`, `levels-merge`: per-section histograms and windows; voxflow/levels.py), `inference` (crop mode
 `InferenceStage`, overlap mode `OverlapInferenceStage`), `blend` (overlap mode; sharded:
 `ShardBlendStage`), with `segmentation:` its four passes (`segmentation-label`, `-pairs`,
 `-merge`, `-relabel`; the labelling itself is voxflow/segmentation.py), then the pyramids
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 
 class Stage(Protocol):
     name: str
-    kind: str             # its worker group: inference | blend | segmentation | downsample
+    kind: str             # its worker group: levels | inference | blend | segmentation |
+    #                       downsample
 
     def __len__(self) -> int: ...
 
@@ -84,6 +86,8 @@ def stage_grid(p: Plan, name: str) -> Union[ChunkGrid, OverlapGrid, BandGrid]:
     against)."""
     if name == "inference":
         return p.grid
+    if name in ("levels", "levels-merge") and p.levels is not None:
+        return p.levels.grid if name == "levels" else p.levels.slabs
     if name == "blend" and isinstance(p.grid, OverlapGrid):
         if p.shard_shapes is not None:                  # one task per shard of the bbox
             return shard_grid(p.input_bounds, p.shard_shapes[0], p.bbox)
@@ -111,13 +115,16 @@ def _downsample_passes(p: Plan, name: str) -> Optional[tuple]:
 
 
 def stage_names(p: Plan) -> list[str]:
-    """The run's stages, in the order they run (blend where chunks meet, and wherever the
-    output is sharded in overlap mode: shards are assembled there; the segmentation's
-    passes after blending, its pyramid after the output's)."""
+    """The run's stages, in the order they run (the levels first: inference applies them;
+    blend where chunks meet, and wherever the output is sharded in overlap mode: shards are
+    assembled there; the segmentation's passes after blending, its pyramid after the
+    output's)."""
     blend = ["blend"] if isinstance(p.grid, OverlapGrid) and (
         len(p.grid.bands) or p.shard_shapes is not None) else []
     seg = p.segmentation
-    return (["inference", *blend] + ([f"segmentation-{s}" for s in STEPS] if seg else [])
+    levels = ["levels", "levels-merge"] if p.levels is not None else []
+    return ([*levels, "inference", *blend]
+            + ([f"segmentation-{s}" for s in STEPS] if seg else [])
             + [f"downsample-{i}" for i in range(len(p.downsample))]
             + [f"downsample-segmentation-{i}" for i in range(len(seg.downsample) if seg else 0)])
 
@@ -135,7 +142,10 @@ def build_stage(p: Plan, name: str, run: str, model: Optional[Model] = None) -> 
         from .inference import InferenceStage, OverlapInferenceStage
         if isinstance(p.grid, OverlapGrid):
             return OverlapInferenceStage(p, run, model)
-        return InferenceStage(p, model)
+        return InferenceStage(p, model, run)
+    if kind == "levels":
+        from .levels import LevelsMergeStage, LevelsStage
+        return LevelsMergeStage(p, run) if rest == "merge" else LevelsStage(p, run)
     if kind == "blend":
         from .blend import BlendStage, ShardBlendStage
         return ShardBlendStage(p, run) if p.shard_shapes is not None else BlendStage(p, run)

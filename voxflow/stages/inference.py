@@ -12,6 +12,7 @@ from ..grids import OverlapGrid
 from ..geometry import Box
 from ..inference import SlidingWindow
 from ..inputs import read_input
+from ..levels import apply_windows, source_sections
 from ..mask import Skipped, apply_mask, uniform, unwrap
 from ..models import Model, ModelOutputError, pick_device, to_host
 from ..pipeline import Plan
@@ -41,11 +42,12 @@ def _forward(stage: str, index: int, box: Box, fn: Callable[[], Any]) -> Any:
 
 
 class InferenceStage:
-    """Crop mode: each task reads its chunk plus margin, runs SlidingWindow, crops, writes."""
+    """Crop mode: each task reads its chunk plus margin, runs SlidingWindow, crops, writes.
+    With `normalize:` (run `run`), its input is mapped through its sections' windows."""
 
     name = kind = "inference"
 
-    def __init__(self, p: Plan, model: Optional[Model] = None):
+    def __init__(self, p: Plan, model: Optional[Model] = None, run: Optional[str] = None):
         self.plan = p
         cfg = p.config
         self.model = model or Model(cfg.model, pick_device(cfg.inference.device),
@@ -55,6 +57,21 @@ class InferenceStage:
                                     cfg.inference.weighting, cfg.augment)
         self._input = Volume(cfg.input, cfg.mip, fill_missing=cfg.input_missing == "zeros")
         self._output = Volume(cfg.output)
+        if p.levels is not None:
+            from .levels import levels_store
+            self._levels = levels_store(p, run)
+
+    def _read(self, box: Box) -> np.ndarray:
+        """The input of `box`; with `normalize:`, each section through its window (the
+        windows of the few slabs the box meets: O(1) small reads)."""
+        pad = self.plan.config.inference.pad
+        image = read_input(self._input, box, pad)
+        if self.plan.levels is None:
+            return image
+        sections = source_sections(box, self.plan.input_bounds, pad)
+        found = self._levels.windows(self.plan.levels.slab_range(int(sections.min()),
+                                                                 int(sections.max()) + 1))
+        return apply_windows(image, sections, found)
 
     def __len__(self) -> int:
         return len(self.plan.grid)
@@ -66,7 +83,7 @@ class InferenceStage:
         return crop_read_box(self.plan, index)
 
     def load(self, index: int) -> np.ndarray:
-        return read_input(self._input, self.read_box(index), self.plan.config.inference.pad)
+        return self._read(self.read_box(index))
 
     def compute(self, index: int, image: np.ndarray) -> Union[list, Skipped]:
         box, read, cfg = self.box(index), self.read_box(index), self.plan.config
@@ -98,7 +115,7 @@ class OverlapInferenceStage(InferenceStage):
     sums to temporary storage (one object per band cell: no read-modify-write)."""
 
     def __init__(self, p: Plan, run: str, model: Optional[Model] = None):
-        super().__init__(p, model)
+        super().__init__(p, model, run)
         self.grid: OverlapGrid = p.grid
         self.store = TemporaryStore(temporary_url(p.config, run))
 
@@ -109,8 +126,7 @@ class OverlapInferenceStage(InferenceStage):
         return task_box(self.grid, index, self.name)
 
     def load(self, index: int) -> np.ndarray:
-        return read_input(self._input, self.grid.read_box(index),
-                           self.plan.config.inference.pad)
+        return self._read(self.grid.read_box(index))
 
     @torch.inference_mode()
     def compute(self, index: int, image: np.ndarray) -> Union[tuple[str, list], Skipped]:
