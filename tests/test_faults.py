@@ -194,7 +194,9 @@ def test_a_spent_budget_raises_naming_the_object(world, proxy, monkeypatch):
     finally:
         retry.remove_listener(listener)
     spent = time.monotonic() - t0
-    assert 1.0 <= spent <= 2.0, spent
+    # no attempt starts after the budget; it gives up as soon as the next (jittered) pause
+    # would pass it, so it may stop well before 1.5 s (seen: 0.94 s) — no lower bound
+    assert spent <= 2.0, spent
     assert len(seen) >= 3 and all(f["op"] == "put_file" for f in seen)
     assert [f["attempt"] for f in seen] == list(range(1, len(seen) + 1))
     proxy.clear()
