@@ -162,6 +162,10 @@ def test_a_dead_letter_is_shown_and_retried(console_airflow, browser):
     assert "0 0 0 – 64 64 8" in letter.inner_text()                     # the task's box
     letter.query_selector("summary").click()
     assert "Traceback" in letter.query_selector("pre").inner_text()
+    seen = int(viewer.get_attribute("body", "data-refreshes"))
+    until(viewer, lambda p: int(p.get_attribute("body", "data-refreshes")) >= seen + 2)
+    # the page's refreshes left the row, and the traceback the user opened, as they were
+    assert letter.evaluate("e => e.isConnected && e.querySelector('details').open")
     assert viewer.query_selector("button.retry") is None
     assert "read-only" in viewer.inner_text("#retry-all")
     viewer.screenshot(path=str(ARTIFACTS / "console-dead-letter-viewer.png"), full_page=True)

@@ -9,6 +9,12 @@ async function api(path, options) {
   if (!r.ok) { const err = new Error(body.detail || r.statusText); err.status = r.status; throw err; }
   return body;
 }
+// Replace an element's content only when it changed: a page that refreshes itself must not
+// close the traceback a user opened, move the focus or detach the row being clicked.
+function render(el, html) {
+  if (typeof el === "string") el = document.querySelector(el);
+  if (el.voxflowHTML !== html) { el.innerHTML = html; el.voxflowHTML = html; }
+}
 function esc(s) { return String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c])); }
 function bar(done, dead, total) {
   const t = Math.max(total, 1);
